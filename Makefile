@@ -1,0 +1,76 @@
+# ssamba: one Makefile for install, tests, data, benchmarks and the demo.
+# `make help` lists the targets.
+
+PYTHON_BASE ?= python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+STAMP       := $(VENV)/.installed
+FSDD        ?= $(if $(SSAMBA_FSDD),$(SSAMBA_FSDD),../shared/data/fsdd)
+WORK        ?= work
+JOBS        ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help install assets test test-fast lint format bench shards stats demo clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## make .venv with torch 2.9.1 + torchaudio 2.9.1 and ssamba (editable)
+
+# A real 30 s, 16 kHz two-speaker recording that the PyPI package pyannote-audio ships
+# (MIT), pinned; taken from its wheel, not installed. Tests read it from $(SAMPLE_WAV).
+SAMPLE_WAV := $(WORK)/assets/sample.wav
+$(SAMPLE_WAV): | $(STAMP)
+	mkdir -p $(WORK)/assets/wheel
+	$(PIP) download --quiet --no-deps --dest $(WORK)/assets/wheel pyannote-audio==4.0.7
+	$(PY) -m zipfile -e $$(ls $(WORK)/assets/wheel/pyannote_audio-*.whl | head -1) $(WORK)/assets/unzipped
+	cp $(WORK)/assets/unzipped/pyannote/audio/sample/sample.wav $@
+	rm -rf $(WORK)/assets/wheel $(WORK)/assets/unzipped
+
+assets: $(SAMPLE_WAV)  ## fetch the real test recording (from a PyPI wheel)
+
+test: $(STAMP) $(SAMPLE_WAV)  ## all tests, end-to-end ones on real audio included
+	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q
+
+test-fast: $(STAMP) $(SAMPLE_WAV)  ## unit tests only (skips the slow end-to-end ones)
+	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check ssamba data_prep tests
+	$(VENV)/bin/ruff format --check ssamba data_prep tests
+
+format: $(STAMP)  ## ruff autofix + format
+	$(VENV)/bin/ruff check --fix ssamba data_prep tests
+	$(VENV)/bin/ruff format ssamba data_prep tests
+
+bench: $(STAMP)  ## all benchmarks; tables printed and written to bench-results/
+	$(PY) -m ssamba.bench all --out bench-results
+
+# ---- data --------------------------------------------------------------------
+# make shards CORPUS=librispeech SRC=/data/LibriSpeech OUT=work/shards/librispeech
+# make shards-esc50 SRC=/data/ESC-50-master          (OUT defaults to work/shards/<corpus>)
+shards: $(STAMP)  ## shard CORPUS from SRC into OUT (WebDataset tars + rejects.jsonl + stats.json)
+	@test -n "$(CORPUS)" || (echo "usage: make shards CORPUS=<name> SRC=<folder> [OUT=<folder>]"; exit 2)
+	$(PY) -m data_prep shard --corpus $(CORPUS) --src $(or $(SRC),$(FSDD)) \
+	    --out $(or $(OUT),$(WORK)/shards/$(CORPUS)) --workers $(JOBS)
+
+shards-%: $(STAMP)  ## shorthand: make shards-<corpus> SRC=...
+	$(MAKE) shards CORPUS=$* SRC=$(SRC) OUT=$(OUT)
+
+stats: $(STAMP)  ## recompute fbank mean/std of a shard folder: make stats SHARDS=work/shards/fsdd
+	@test -n "$(SHARDS)" || (echo "usage: make stats SHARDS=<shard folder>"; exit 2)
+	$(PY) -m data_prep stats --shards $(SHARDS)
+
+# ---- demo --------------------------------------------------------------------
+demo: $(STAMP)  ## shard FSDD, pretrain, fine-tune and probe against random init; DEMO=quick is shorter
+	$(PY) -m ssamba.demo --fsdd $(FSDD) --work $(WORK)/demo $(if $(filter quick,$(DEMO)),--quick,)
+
+clean:  ## remove build and run artefacts (keeps .venv)
+	rm -rf build *.egg-info .pytest_cache .ruff_cache $(WORK) lightning_logs

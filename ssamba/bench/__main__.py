@@ -1,0 +1,43 @@
+"""Dispatch `python -m ssamba.bench <name>` to `ssamba.bench.<name>.run`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from ssamba.bench.report import print_table, write_csv
+
+BENCHMARKS = {
+    "scan": "selective scan: C++ kernel vs pure-PyTorch chunked scan (fwd+bwd time, memory)",
+    "mixer": "mixers: bidirectional Mamba vs attention, forward+backward vs tokens",
+    "data": "decode + fbank throughput per worker on 10 s clips",
+    "train": "pretraining steps/s, ssamba-tiny vs ssast-tiny at 512 tokens",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssamba.bench",
+        description="Run speed/memory benchmarks; print a table and write CSV.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="benchmarks:\n" + "\n".join(f"  {k:6s} {v}" for k, v in BENCHMARKS.items()),
+    )
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="CSV folder")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    args = parser.parse_args(argv)
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        module = importlib.import_module(f"ssamba.bench.{name}")
+        print(f"== {name}: {BENCHMARKS[name]}")
+        rows = module.run(args.out, args.quick)
+        print_table(rows)
+        path = write_csv(rows, args.out / f"{name}.csv")
+        print(f"-> {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

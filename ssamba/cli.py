@@ -1,0 +1,68 @@
+"""The `ssamba` command: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that owns the job and exposes
+`main(argv: list[str]) -> int | None`; this file only routes, so `ssamba --help`
+stays fast (no torch import) and adding a command touches one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shard": ("data_prep.__main__:main", "prepare a corpus and write WebDataset shards"),
+    "pretrain": ("ssamba.tasks.pretrain_cli:main", "self-supervised pretraining (LightningCLI)"),
+    "finetune": ("ssamba.tasks.finetune_cli:main", "fine-tune / linear-probe on a labelled task"),
+    "evaluate": ("ssamba.tasks.evaluate_cli:main", "evaluate a fine-tuned checkpoint, write results.json"),
+    "embed": ("ssamba.embed:main", "embeddings for audio files or folders"),
+    "export": ("ssamba.models.checkpoints:export_main", "export the encoder of a checkpoint"),
+    "bench": ("ssamba.bench.__main__:main", "speed and memory benchmarks"),
+}
+
+USAGE = """usage: ssamba <command> [options]
+
+Self-supervised audio representation learning with state-space models.
+Typical workflow:
+  make shards CORPUS=librispeech SRC=/data/LibriSpeech     # or: ssamba shard ...
+  ssamba pretrain --config recipes/pretrain/asli_tiny.yaml
+  ssamba finetune --config recipes/finetune/esc50.yaml --model.init runs/.../encoder.pt
+
+commands:
+{commands}
+
+Run `ssamba <command> --help` for the options of one command.
+"""
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from ssamba import __version__
+
+        print(f"ssamba {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ssamba: unknown command {name!r}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
