@@ -1,0 +1,140 @@
+"""`python -m data_prep prepare|shard|stats` (also `ssamba shard ...`; the Makefile calls it).
+
+prepare  corpus folder -> manifest.jsonl (+ labels.csv); no audio is decoded
+shard    prepare, then write WebDataset shards, rejects.jsonl, index.json, stats.json
+stats    recompute the fbank mean/std of a shard folder into its stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_prep import CORPORA, prepare
+from data_prep.manifest import iter_split_counts, read_manifest
+
+EXAMPLES = """examples:
+  python -m data_prep prepare --corpus esc50 --src /data/ESC-50-master --out work/esc50
+  python -m data_prep shard --corpus fsdd --src ../shared/data/fsdd --out work/shards/fsdd --workers 2
+  python -m data_prep stats --shards work/shards/fsdd
+
+Re-running `shard` with the same arguments skips every finished shard (resume).
+Clips that fail to decode or validate are listed with their reason in rejects.jsonl.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"data_prep {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def shard_main(argv: list[str] | None = None) -> int:
+    """`ssamba shard ...`: the `shard` subcommand without its name."""
+    return main(["shard", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    manifest = prepare(args.corpus, args.src, args.out)
+    records = read_manifest(manifest)
+    splits = ", ".join(f"{name} {n}" for name, n in iter_split_counts(records))
+    print(f"{args.corpus}: {len(records)} clips [{splits}] -> {manifest}")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from data_prep.shard import write_shards  # torch import only when needed
+
+    manifest = prepare(args.corpus, args.src, args.out)
+    write_shards(
+        manifest,
+        args.out,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        shard_mb=args.shard_mb,
+        stats_clips=args.stats_clips,
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from data_prep.stats import compute_stats
+
+    compute_stats(args.shards, workers=args.workers, max_clips=args.max_clips)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Prepare audio corpora and write WebDataset shards (16 kHz flac + json).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    corpora = ", ".join(CORPORA)
+
+    prep = commands.add_parser(
+        "prepare",
+        help="write manifest.jsonl (+ labels.csv) of a corpus; no audio decoded",
+        description=f"Read a corpus folder and its official metadata into manifest.jsonl. Corpora: {corpora}.",
+    )
+    _corpus_args(prep)
+    prep.set_defaults(run=_prepare)
+
+    shard = commands.add_parser(
+        "shard",
+        help="prepare + write WebDataset shards, rejects.jsonl, index.json, stats.json",
+        description=(
+            "Prepare the corpus, decode and validate every clip, resample to 16 kHz mono and "
+            "write <split>-NNNNNN.tar shards of flac + json. Resumable: finished shards are "
+            f"skipped on re-run. Corpora: {corpora}."
+        ),
+    )
+    _corpus_args(shard)
+    shard.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    shard.add_argument(
+        "--shard-size", type=int, default=1000, help="max clips per shard (default 1000)"
+    )
+    shard.add_argument(
+        "--shard-mb",
+        type=float,
+        default=None,
+        help="also cap shards at this many MB of PCM16 audio",
+    )
+    shard.add_argument(
+        "--stats-clips",
+        type=int,
+        default=2000,
+        help="clips (evenly spaced) measured for the fbank mean/std (default 2000)",
+    )
+    shard.set_defaults(run=_shard)
+
+    stats = commands.add_parser(
+        "stats",
+        help="recompute fbank mean/std of a shard folder into stats.json",
+        description="Decode the shards listed in index.json and measure the fbank mean/std.",
+    )
+    stats.add_argument("--shards", type=Path, required=True, help="folder written by `shard`")
+    stats.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    stats.add_argument(
+        "--max-clips", type=int, default=None, help="measure about this many clips (default: all)"
+    )
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def _corpus_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus", required=True, choices=list(CORPORA), metavar="NAME", help="corpus recipe"
+    )
+    parser.add_argument("--src", type=Path, required=True, help="corpus folder as distributed")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

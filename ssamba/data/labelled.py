@@ -1,0 +1,361 @@
+"""`LabelledDataModule`: train/val/test splits of one labelled shard folder, for fine-tuning.
+
+Which clip goes where is decided from each clip's json before training starts:
+- official splits: `test_filter: {split: test}`, `val_filter: {split: valid}`;
+- cross-validation (ESC-50): `fold: 1` tests on fold 1, validates on `val_fold` ("next"
+  fold, "test" like SSAST's ESC-50 recipe, a fold number, or none), trains on the rest;
+- any predicate on the json, e.g. leave-one-speaker-out: `test_filter: {speaker: theo}`.
+Training takes every clip that is neither test nor validation unless `train_filter` says.
+
+Training reshuffles every epoch, applies mixup (on waveforms, Beta(alpha, alpha), labels
+mixed too), SpecAugment and noise as the originals; evaluation is finite, in order,
+unaugmented, and every clip is read exactly once over all ranks (no padding), so metrics
+gathered across ranks are exact.
+
+Batches: `{"fbank": (B, T, F), "target": (B, num_classes) float32, "label": (B,) long
+(argmax; -1 for multi-label), "id": list[str]}`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from data_prep.manifest import LABELS_NAME, read_labels
+from ssamba.data.loader import FiniteLoader, distributed_rank_world, make_loader, rank_batches
+from ssamba.data.shards import ClipRef, SkipCounter, catalogue, list_shards
+from ssamba.data.streams import Clip, ClipBatches
+from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
+from ssamba.features import FbankConfig, mix_targets, mix_waves, sample_mixup_lambda
+
+Subset = Literal["train", "val", "test"]
+STAGE_SUBSETS: dict[str, tuple[Subset, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+}
+
+
+def matches(meta: dict[str, Any], predicate: dict[str, Any]) -> bool:
+    """True when every field of `predicate` equals the clip's json (a list: any of them).
+
+    Values compare as strings, so `fold: 1` in YAML matches `"fold": 1` or `"1"`.
+    """
+    for field, wanted in predicate.items():
+        if field not in meta:
+            return False
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if str(meta[field]) not in {str(v) for v in allowed}:
+            return False
+    return True
+
+
+@dataclass
+class LabelledBatch:
+    """Crop, mixup, filterbank and targets: clips -> the labelled batch dict."""
+
+    cfg: FbankConfig
+    class_index: dict[str, int]
+    multi_label: bool
+    train: bool
+    crop: CropPosition
+    mixup: float
+    mixup_alpha: float
+
+    def __call__(
+        self, clips: list[Clip], rng: random.Random
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        waves = [crop_wave(c.wave, self.cfg, self.crop, rng) for c in clips]
+        targets = [self.target(c) for c in clips]
+        if self.train and self.mixup > 0 and len(clips) > 1:
+            waves, targets = self._mix(waves, targets, rng)
+        fbank, kept = batch_features(waves, self.cfg, self.train)
+        rejected = [c.id for i, c in enumerate(clips) if i not in kept]
+        if not kept:
+            return None, rejected
+        target = torch.stack([targets[i] for i in kept])
+        label = torch.full((len(kept),), -1) if self.multi_label else target.argmax(1)
+        return {
+            "fbank": fbank,
+            "target": target,
+            "label": label,
+            "id": [clips[i].id for i in kept],
+        }, rejected
+
+    def target(self, clip: Clip) -> torch.Tensor:
+        """(num_classes,) multi-hot of the clip's labels (one-hot for single-label sets)."""
+        target = torch.zeros(len(self.class_index))
+        for label in clip.meta.get("labels", []):
+            target[self.class_index[label]] = 1.0
+        return target
+
+    def _mix(
+        self, waves: list[torch.Tensor], targets: list[torch.Tensor], rng: random.Random
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """With probability `mixup`, mix each clip with a random other clip of the batch.
+
+        The originals draw the partner from the whole dataset; the batch is already a
+        random draw (reshuffled every epoch), and reusing it costs no second decode.
+        """
+        mixed_waves, mixed_targets = list(waves), list(targets)
+        for i in range(len(waves)):
+            if rng.random() >= self.mixup:
+                continue
+            j = rng.choice([k for k in range(len(waves)) if k != i])
+            lam = sample_mixup_lambda(self.mixup_alpha, rng)
+            mixed_waves[i] = mix_waves(waves[i], waves[j], lam)
+            mixed_targets[i] = mix_targets(targets[i], targets[j], lam)
+        return mixed_waves, mixed_targets
+
+
+class LabelledDataModule(L.LightningDataModule):
+    """Labelled train/val/test loaders over one shard folder (splits, folds or predicates)."""
+
+    def __init__(
+        self,
+        shards: str,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        fold: int | None = None,
+        val_fold: int | Literal["next", "test"] | None = "next",
+        test_filter: dict[str, Any] | None = None,
+        val_filter: dict[str, Any] | None = None,
+        train_filter: dict[str, Any] | None = None,
+        multi_label: bool | None = None,
+        target_length: int = 1024,
+        num_mel_bins: int = 128,
+        stats: str | tuple[float, float] = "shards",
+        train_crop: CropPosition = "random",
+        eval_crop: CropPosition = "start",
+        freqm: int = 0,
+        timem: int = 0,
+        noise: bool = False,
+        mixup: float = 0.0,
+        mixup_alpha: float = 10.0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            shards: shard folder written by `ssamba shard` (tars, index.json, labels.csv).
+            batch_size: clips per batch on each rank.
+            num_workers: DataLoader worker processes per rank (decode + fbank run there).
+            fold: cross-validation: test on clips whose json `fold` equals this
+                (overrides `test_filter`). None: no folds.
+            val_fold: with `fold`: validate on the "next" fold (wrapping round), on the
+                "test" fold (as SSAST's ESC-50 recipe), on a given fold, or None (none).
+            test_filter: json predicate of the test set, e.g. `{speaker: theo}`,
+                `{split: [test]}`. None: `{split: test}`.
+            val_filter: json predicate of the validation set, e.g. `{split: valid}`.
+                None: no validation (unless `fold` and `val_fold` give one).
+            train_filter: json predicate of the training set. None: every clip in neither
+                the test nor the validation set.
+            multi_label: multi-hot targets with label -1 (AudioSet) or one-hot with a
+                label index. None: multi-label if any clip has more than one label.
+            target_length: frames per example (ESC-50 512, Speech Commands 128,
+                AudioSet 1024); clips are cropped or zero-padded to it.
+            num_mel_bins: mel bins of the Kaldi filterbank.
+            stats: filterbank normalisation: "shards" (stats.json of `shards`), a
+                published dataset name ("esc50", "speechcommands", "asli", ...; needed to
+                match official checkpoints) or [mean, std].
+            train_crop: where training crops clips longer than `target_length`.
+            eval_crop: where evaluation crops them ("start" as the originals, or "center").
+            freqm: SpecAugment frequency mask width (training only; 0 = off).
+            timem: SpecAugment time mask width (training only; 0 = off).
+            noise: SSAST's noise + time roll augmentation (training only).
+            mixup: probability that a training clip is mixed with another (waveforms and
+                targets; SC v2 uses 0.6, AS-20K 0.5).
+            mixup_alpha: Beta(alpha, alpha) of the mixing weight (the originals: 10).
+            seed: base seed of shuffling, crops and mixup.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size <= 0 or num_workers < 0:
+            raise ValueError(
+                f"batch_size must be > 0 and num_workers >= 0, got {batch_size}, {num_workers}"
+            )
+        if not 0.0 <= mixup <= 1.0:
+            raise ValueError(f"mixup: a probability in [0, 1], got {mixup}")
+        self.shard_list = list_shards(shards)
+        labels_csv = Path(shards) / LABELS_NAME
+        if not labels_csv.is_file():
+            raise FileNotFoundError(
+                f"{labels_csv} not found: {shards} is not a labelled shard folder"
+            )
+        self.classes = read_labels(labels_csv)
+        self.class_index = {class_id: i for i, (class_id, _) in enumerate(self.classes)}
+        mean, std = normalisation_stats(stats, shards)
+        self.fbank = FbankConfig(
+            target_length=target_length,
+            num_mel_bins=num_mel_bins,
+            mean=mean,
+            std=std,
+            freqm=freqm,
+            timem=timem,
+            noise=noise,
+        )
+        self.counters = {
+            name: SkipCounter(num_workers) for name in ("scan", "train", "val", "test")
+        }
+        self.subsets: dict[str, list[ClipRef]] | None = None
+        self.predicates: dict[str, Any] = {}
+        self._values: dict[str, list[str]] = {}
+        self.multi_label = multi_label
+        self._loaders: dict[str, FiniteLoader] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Classes in labels.csv (the width of `target`)."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display names in label-index order."""
+        return [name for _, name in self.classes]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the shards, assign clips to subsets and check labels; then build loaders.
+
+        Everything that can be wrong with the data of a stage fails here, before it runs.
+        """
+        if self.subsets is None:
+            clips = catalogue(self.shard_list, self.counters["scan"])
+            if self.multi_label is None:
+                self.multi_label = any(len(c.meta.get("labels", [])) > 1 for c in clips)
+            self._check_labels(clips)
+            self.subsets, self.predicates = self._assign(clips)
+            self._values = {
+                field: sorted({str(c.meta[field]) for c in clips if field in c.meta})[:20]
+                for field in ("split", "fold", "speaker")
+            }
+        for subset in STAGE_SUBSETS.get(stage or "", ("train", "val", "test")):
+            if subset not in self._loaders and self.predicates.get(subset) is not None:
+                self._loaders[subset] = self._loader(subset)
+
+    def train_dataloader(self) -> FiniteLoader:
+        return self._get("train")
+
+    def val_dataloader(self) -> FiniteLoader | list:
+        self.setup("fit")
+        return self._get("val") if self.predicates.get("val") is not None else []
+
+    def test_dataloader(self) -> FiniteLoader:
+        return self._get("test")
+
+    def skipped(self) -> dict[str, int]:
+        """Corrupt clips skipped so far on this rank, per reason (all subsets)."""
+        totals = [c.totals() for c in self.counters.values()]
+        return {reason: sum(t[reason] for t in totals) for reason in totals[0]}
+
+    def _get(self, subset: Subset) -> FiniteLoader:
+        if subset not in self._loaders:
+            self.setup("test" if subset == "test" else "fit")
+        if subset not in self._loaders:
+            raise ValueError(f"{self.hparams.shards}: no {subset} set is configured")
+        return self._loaders[subset]
+
+    def _loader(self, subset: Subset) -> FiniteLoader:
+        assert self.subsets is not None and self.multi_label is not None
+        hp = self.hparams
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        else:
+            rank, world = distributed_rank_world()
+        clips, train = self.subsets[subset], subset == "train"
+        if not clips:
+            values = "; ".join(f"{f}: {v}" for f, v in self._values.items() if v)
+            raise ValueError(
+                f"{hp.shards}: the {subset} set ({self.predicates[subset]}) matches no clip; "
+                f"values present: {values}"
+            )
+        length = rank_batches(len(clips), hp.batch_size, rank, world, drop_last=train)
+        if length == 0:
+            raise ValueError(
+                f"{hp.shards}: the {subset} set has {len(clips)} clips, too few for one batch "
+                f"of {hp.batch_size} on each of {world} ranks"
+            )
+        builder = LabelledBatch(
+            self.fbank,
+            self.class_index,
+            self.multi_label,
+            train=train,
+            crop=hp.train_crop if train else hp.eval_crop,
+            mixup=hp.mixup,
+            mixup_alpha=hp.mixup_alpha,
+        )
+        batches = ClipBatches(
+            clips, builder, hp.batch_size, rank, world, train, hp.seed, self.counters[subset]
+        )
+        return FiniteLoader(make_loader(batches, hp.num_workers), length)
+
+    def _check_labels(self, clips: list[ClipRef]) -> None:
+        """Every label must be an id of labels.csv, and single-label clips have exactly one."""
+        for clip in clips:
+            name = f"{clip.shard}: clip {clip.meta.get('id', clip.key)!r}"
+            labels = clip.meta.get("labels", [])
+            if not isinstance(labels, list):
+                raise ValueError(f"{name} has labels {labels!r}, not a list")
+            if not self.multi_label and len(labels) != 1:
+                raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
+            for label in labels:
+                if label not in self.class_index:
+                    examples = ", ".join(list(self.class_index)[:5])
+                    raise ValueError(
+                        f"{name} has label {label!r}, which is not in "
+                        f"{Path(self.hparams.shards) / LABELS_NAME} "
+                        f"({self.num_classes} classes: {examples}, ...)"
+                    )
+
+    def _assign(self, clips: list[ClipRef]) -> tuple[dict[str, list[ClipRef]], dict[str, Any]]:
+        """(clips per subset, predicate per subset); a None predicate = subset not configured."""
+        hp = self.hparams
+        test, val = self._eval_predicates(clips)
+        held_out = [p for p in (test, val) if p is not None]
+        predicates = {
+            "test": test,
+            "val": val,
+            "train": hp.train_filter if hp.train_filter is not None else "not val or test",
+        }
+        subsets = {
+            "test": [c for c in clips if test is not None and matches(c.meta, test)],
+            "val": [c for c in clips if val is not None and matches(c.meta, val)],
+            "train": [
+                c
+                for c in clips
+                if (
+                    matches(c.meta, hp.train_filter)
+                    if hp.train_filter is not None
+                    else not any(matches(c.meta, p) for p in held_out)
+                )
+            ],
+        }
+        return subsets, predicates
+
+    def _eval_predicates(
+        self, clips: list[ClipRef]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(test, val) predicates from `fold`/`val_fold` or the explicit filters."""
+        hp = self.hparams
+        if hp.fold is None:
+            return (
+                hp.test_filter if hp.test_filter is not None else {"split": "test"}
+            ), hp.val_filter
+        folds = sorted({int(c.meta["fold"]) for c in clips if "fold" in c.meta})
+        for name, value in (("fold", hp.fold), ("val_fold", hp.val_fold)):
+            if isinstance(value, int) and value not in folds:
+                raise ValueError(
+                    f"{name}: fold {value} does not exist in {hp.shards}; folds present: "
+                    f"{folds if folds else 'none (no clip has a fold field)'}"
+                )
+        test = {"fold": hp.fold}
+        if hp.val_fold is None:
+            return test, None
+        if hp.val_fold == "test":
+            return test, test
+        if hp.val_fold == "next":
+            return test, {"fold": folds[(folds.index(hp.fold) + 1) % len(folds)]}
+        return test, {"fold": hp.val_fold}

@@ -1,0 +1,189 @@
+"""`PretrainDataModule`: endless, weighted, DDP-safe filterbank batches for MSPM pretraining.
+
+SSAST/SSAMBA pretrain on AudioSet-2M + LibriSpeech-960 (REFERENCE.md C). Here each corpus
+is a shard folder with a mixing weight; every (rank, worker) resamples shards with its own
+seed, so an epoch is simply `steps_per_epoch` batches on every rank (no rank runs dry, DDP
+never waits), and validation is a finite, ordered pass over a held-out shard set for the
+masked-patch accuracy.
+
+Batches: `{"fbank": (batch, target_length, num_mel_bins) float32, "id": list[str]}`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+import lightning as L
+
+from ssamba.data.loader import (
+    FiniteLoader,
+    StreamLoader,
+    distributed_rank_world,
+    make_loader,
+    rank_batches,
+)
+from ssamba.data.shards import Shard, SkipCounter, catalogue, list_shards
+from ssamba.data.streams import Clip, ClipBatches, MixedShardStream
+from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
+from ssamba.features import FbankConfig
+
+
+class ShardSource(TypedDict):
+    """One shard set: its folder, its mixing weight, and which splits of it to read."""
+
+    shards: str
+    weight: NotRequired[float]
+    splits: NotRequired[list[str]]
+
+
+@dataclass
+class FbankBatch:
+    """Crop, filterbank and normalise: clips -> {"fbank": (B, T, F), "id": list[str]}."""
+
+    cfg: FbankConfig
+    crop: CropPosition
+    train: bool
+
+    def __call__(
+        self, clips: list[Clip], rng: random.Random
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        waves = [crop_wave(c.wave, self.cfg, self.crop, rng) for c in clips]
+        fbank, kept = batch_features(waves, self.cfg, self.train)
+        rejected = [c.id for i, c in enumerate(clips) if i not in kept]
+        if not kept:
+            return None, rejected
+        return {"fbank": fbank, "id": [clips[i].id for i in kept]}, rejected
+
+
+def source_shards(source: ShardSource, what: str) -> list[Shard]:
+    """The shards a source names; errors name the config key, the folder and the splits."""
+    if "shards" not in source:
+        raise ValueError(f"{what}: needs a 'shards' folder, got keys {sorted(source)}")
+    try:
+        return list_shards(source["shards"], source.get("splits"))
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{what}: {err}") from err
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Weighted, resampled shard streams for pretraining, and a finite validation pass."""
+
+    def __init__(
+        self,
+        sources: list[ShardSource],
+        val: ShardSource | None = None,
+        val_max_clips: int | None = None,
+        batch_size: int = 24,
+        steps_per_epoch: int = 4000,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        target_length: int = 1024,
+        num_mel_bins: int = 128,
+        stats: str | tuple[float, float] = "asli",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            sources: shard sets to mix, e.g. `[{shards: work/shards/audioset, weight: 2},
+                {shards: work/shards/librispeech, splits: [train-clean-100]}]`. `weight`
+                (default 1) sets the share of clips drawn from that set; `splits` (default
+                all) picks tars by split name.
+            val: held-out shard set for validation (masked-patch accuracy); read in order,
+                every clip once over all ranks. None: no validation.
+            val_max_clips: keep only the first N validation clips (a fixed, cheap subset).
+            batch_size: clips per batch on each rank.
+            steps_per_epoch: batches per epoch on every rank (SSAST's `epoch_iter`: 4000).
+            num_workers: DataLoader worker processes per rank (decode + fbank run there).
+            shuffle_buffer: compressed clips each worker holds to shuffle (~170 kB each
+                for 10 s); 0 or 1 reads shards in stored order.
+            target_length: frames per example; longer clips are cropped at a random frame,
+                shorter ones zero-padded (1024 = 10.24 s, the originals' setting).
+            num_mel_bins: mel bins of the Kaldi filterbank.
+            stats: filterbank normalisation: a published dataset name ("asli" = the
+                AudioSet+LibriSpeech values of SSAST/SSAMBA), "shards" (stats.json of the
+                single source) or [mean, std].
+            seed: base seed of shard draws, mixing and shuffling (each rank and worker
+                derives its own).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not sources:
+            raise ValueError("sources: give at least one shard set")
+        self.source_shards = [source_shards(s, f"sources[{i}]") for i, s in enumerate(sources)]
+        self.weights = [float(s.get("weight", 1.0)) for s in sources]
+        if any(w <= 0 for w in self.weights):
+            raise ValueError(f"sources: every weight must be > 0, got {self.weights}")
+        self.val_shards = source_shards(val, "val") if val is not None else None
+        if batch_size <= 0 or steps_per_epoch <= 0 or num_workers < 0:
+            raise ValueError(
+                "batch_size and steps_per_epoch must be > 0 and num_workers >= 0, got "
+                f"{batch_size}, {steps_per_epoch}, {num_workers}"
+            )
+        single = sources[0]["shards"] if len(sources) == 1 else None
+        mean, std = normalisation_stats(stats, single)
+        self.fbank = FbankConfig(
+            target_length=target_length, num_mel_bins=num_mel_bins, mean=mean, std=std
+        )
+        self.train_counter = SkipCounter(num_workers)
+        self.val_counter = SkipCounter(num_workers)
+        self._train: StreamLoader | None = None
+        self._val: FiniteLoader | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build this rank's loaders (rank and world size from the trainer when attached)."""
+        if self._train is not None:
+            return
+        hp = self.hparams
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        else:
+            rank, world = distributed_rank_world()
+        stream = MixedShardStream(
+            self.source_shards,
+            self.weights,
+            FbankBatch(self.fbank, "random", train=True),
+            hp.batch_size,
+            hp.shuffle_buffer,
+            rank,
+            world,
+            hp.seed,
+            self.train_counter,
+        )
+        self._train = StreamLoader(make_loader(stream, hp.num_workers), hp.steps_per_epoch)
+        if self.val_shards is not None:
+            clips = catalogue(self.val_shards, self.val_counter)[: hp.val_max_clips]
+            if not clips:
+                raise ValueError(f"val: no readable clips in {hp.val['shards']}")
+            batches = ClipBatches(
+                clips,
+                FbankBatch(self.fbank, "start", train=False),
+                hp.batch_size,
+                rank,
+                world,
+                train=False,
+                seed=hp.seed,
+                counter=self.val_counter,
+            )
+            length = rank_batches(len(clips), hp.batch_size, rank, world, drop_last=False)
+            self._val = FiniteLoader(make_loader(batches, hp.num_workers), length)
+
+    def train_dataloader(self) -> StreamLoader:
+        self.setup("fit")
+        assert self._train is not None
+        return self._train
+
+    def val_dataloader(self) -> FiniteLoader | list:
+        self.setup("fit")
+        return self._val if self._val is not None else []
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the stream's workers when fitting ends (they would idle until collected)."""
+        if self._train is not None and stage in (None, "fit"):
+            self._train.close()
+
+    def skipped(self) -> dict[str, int]:
+        """Corrupt clips skipped so far on this rank, per reason (train + validation)."""
+        train, val = self.train_counter.totals(), self.val_counter.totals()
+        return {reason: train[reason] + val[reason] for reason in train}

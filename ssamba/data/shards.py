@@ -1,0 +1,330 @@
+"""Read WebDataset shards written by `data_prep`: find them, scan them, stream them, decode clips.
+
+A shard folder holds `<split>-NNNNNN.tar` files whose members are `<key>.flac` (16 kHz mono)
+and `<key>.json` (`{"id", "labels", "duration", "source", "split", ...}`), plus
+`labels.csv`, `stats.json` and an index of shards per split with clip counts.
+
+Two ways in, one per use:
+- `iter_shard` streams a tar front to back (pretraining: sequential reads of huge corpora);
+- `scan_shard` records each clip's offset and metadata once, then `ClipReader` seeks straight
+  to any clip (finite evaluation and labelled training: exact partitions, true shuffles).
+
+Bad clips never crash a run and are never lost silently: `decode_clip` raises `CorruptClip`
+with a reason, and `SkipCounter` counts it per worker in shared memory (so the main process
+and the training task can read the totals) and logs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssamba.audio import AudioError, load_audio
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
+INDEX_NAME = "index.json"
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file of a split and how many clips it holds (None when not indexed)."""
+
+    path: str
+    split: str
+    count: int | None
+
+
+def list_shards(folder: str | Path, splits: Sequence[str] | None = None) -> list[Shard]:
+    """The shards of `splits` (all when None) in `folder`, in name order.
+
+    Reads the index written by data_prep when present (it carries clip counts), else globs
+    `<split>-*.tar`. Raises FileNotFoundError / ValueError naming the folder and the splits
+    that do exist, so a typo fails before training starts.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"shard folder {root} does not exist")
+    shards = _indexed_shards(root) or _globbed_shards(root)
+    if not shards:
+        raise ValueError(f"shard folder {root} holds no <split>-NNNNNN.tar files")
+    if splits is None:
+        return shards
+    chosen = [s for s in shards if s.split in set(splits)]
+    missing = sorted(set(splits) - {s.split for s in chosen})
+    if missing:
+        known = sorted({s.split for s in shards})
+        raise ValueError(f"{root}: no shards for split(s) {missing}; splits present: {known}")
+    return chosen
+
+
+def _indexed_shards(root: Path) -> list[Shard]:
+    """Shards listed in data_prep's index.json: {"splits": {split: {"shards": [{file, clips}]}}}."""
+    index = root / INDEX_NAME
+    if not index.is_file():
+        return []
+    try:
+        splits = json.loads(index.read_text())["splits"]
+        shards = [
+            Shard(str(root / entry["file"]), split, int(entry["clips"]))
+            for split, info in splits.items()
+            for entry in info["shards"]
+        ]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a shard index ({type(err).__name__}: {err})") from err
+    for shard in shards:
+        if not Path(shard.path).is_file():
+            raise FileNotFoundError(f"{index} lists {shard.path}, which does not exist")
+    return sorted(shards, key=lambda s: s.path)
+
+
+def _globbed_shards(root: Path) -> list[Shard]:
+    return [
+        Shard(str(path), path.name.rsplit("-", 1)[0], None) for path in sorted(root.glob("*-*.tar"))
+    ]
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset's convention: key = name up to the first dot of the basename, ext = rest."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+@dataclass
+class RawClip:
+    """One sample as stored: its key, shard, audio bytes and parsed json (None if absent/bad)."""
+
+    key: str
+    shard: str
+    audio: bytes | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class ClipRef:
+    """Where a clip's audio sits inside its tar, plus its parsed metadata (`meta`)."""
+
+    key: str
+    shard: str
+    audio_offset: int
+    audio_size: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ShardError(RuntimeError):
+    """A tar file that cannot be read (missing, truncated, compressed, not a tar)."""
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+    try:
+        # "r:" is plain tar with random access: skipping a member is a seek, not a read.
+        return tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"{path}: cannot open as an uncompressed tar ({err})") from err
+
+
+def _members(path: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str, str]]:
+    """(tar, member, key, ext) for every regular file; ShardError if the tar breaks midway."""
+    last = "<start>"
+    with _open_tar(path) as tar:
+        try:
+            for member in tar:
+                last = member.name
+                parts = split_member_name(member.name) if member.isreg() else None
+                if parts is not None:
+                    yield tar, member, *parts
+        except (OSError, tarfile.TarError, EOFError) as err:
+            raise ShardError(f"{path}: unreadable after member {last!r} ({err})") from err
+
+
+def iter_shard(path: str) -> Iterator[RawClip]:
+    """Stream the clips of one tar in order (members of a key are adjacent in WebDataset tars)."""
+    clip: RawClip | None = None
+    for tar, member, key, ext in _members(path):
+        if clip is None or key != clip.key:
+            if clip is not None:
+                yield clip
+            clip = RawClip(key, path)
+        if ext in AUDIO_EXTENSIONS or ext == "json":
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if ext == "json":
+                clip.meta = _parse_meta(data)
+            else:
+                clip.audio = data
+    if clip is not None:
+        yield clip
+
+
+def scan_shard(path: str) -> tuple[list[ClipRef], list[RawClip], ShardError | None]:
+    """Offsets and metadata of every clip of one tar, reading only headers and json.
+
+    Returns (clips, broken, error): `broken` are samples without audio or with unparsable
+    json; `error` says why the tar stopped early (the clips before the break are kept).
+    """
+    refs: dict[str, ClipRef] = {}
+    metas: dict[str, dict[str, Any] | None] = {}
+    order: list[str] = []
+    error = None
+    try:
+        for tar, member, key, ext in _members(path):
+            if key not in refs and key not in metas:
+                order.append(key)
+            if ext in AUDIO_EXTENSIONS:
+                refs[key] = ClipRef(key, path, member.offset_data, member.size)
+            elif ext == "json":
+                metas[key] = _parse_meta(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except ShardError as err:
+        error = err
+    clips, broken = [], []
+    for key in order:
+        ref, meta = refs.get(key), metas.get(key)
+        if ref is None or meta is None:
+            broken.append(RawClip(key, path, None if ref is None else b"", meta))
+            continue
+        ref.meta = meta
+        clips.append(ref)
+    return clips, broken, error
+
+
+def _parse_meta(data: bytes) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+class ClipReader:
+    """Reads clips by offset, keeping one open file per shard (per worker process)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def read(self, ref: ClipRef) -> RawClip:
+        handle = self._files.get(ref.shard)
+        if handle is None:
+            handle = self._files[ref.shard] = open(ref.shard, "rb")  # noqa: SIM115 (cached)
+        handle.seek(ref.audio_offset)
+        audio = handle.read(ref.audio_size)
+        return RawClip(ref.key, ref.shard, audio, dict(ref.meta))
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+class CorruptClip(Exception):
+    """A clip to skip: `reason` is one of `SKIP_REASONS`, the message names the clip."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+SKIP_REASONS = ("undecodable", "empty", "non_finite", "silent", "bad_metadata", "bad_shard")
+
+
+def decode_clip(raw: RawClip) -> tuple[torch.Tensor, dict[str, Any]]:
+    """raw -> (wave: (samples,) float32 at 16 kHz, metadata), or CorruptClip with a reason."""
+    name = f"{Path(raw.shard).name}:{raw.key}"
+    if raw.audio is None:
+        raise CorruptClip("bad_metadata", f"{name}: no audio member ({'/'.join(AUDIO_EXTENSIONS)})")
+    meta = raw.meta
+    if meta is None:
+        raise CorruptClip("bad_metadata", f"{name}: missing or unparsable .json")
+    try:
+        wave, _ = load_audio(raw.audio, target_sr=SAMPLE_RATE, name=name)
+    except AudioError as err:
+        raise CorruptClip(_audio_error_reason(str(err)), str(err)) from err
+    meta.setdefault("id", raw.key)
+    return wave, meta
+
+
+def _audio_error_reason(message: str) -> str:
+    if "NaN" in message or "infinite" in message:
+        return "non_finite"
+    if "silent" in message:
+        return "silent"
+    if "empty" in message or "no audio samples" in message or "shorter than" in message:
+        return "empty"
+    return "undecodable"
+
+
+def read_stats(folder: str | Path) -> tuple[float, float]:
+    """(fbank mean, fbank std) that data_prep measured for a shard folder (`stats.json`)."""
+    path = Path(folder) / "stats.json"
+    try:
+        stats = json.loads(path.read_text())
+        return float(stats["fbank_mean"]), float(stats["fbank_std"])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} not found: run `make stats SHARDS={folder}`") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: no usable fbank_mean/fbank_std ({err})") from err
+
+
+class SkipCounter:
+    """Skipped clips per reason, per worker, in shared memory.
+
+    DataLoader workers are separate processes, so a Python counter there is invisible to
+    the trainer. Each worker increments its own row of a shared tensor (no races); any
+    process holding this object reads the totals. Every skip is logged (the first
+    `log_first` per worker individually, then one summary line every `log_every`).
+    """
+
+    def __init__(self, slots: int, log_first: int = 10, log_every: int = 100) -> None:
+        self.counts = torch.zeros(max(slots, 1), len(SKIP_REASONS), dtype=torch.int64)
+        self.counts.share_memory_()
+        self.log_first = log_first
+        self.log_every = log_every
+
+    def add(self, slot: int, error: CorruptClip) -> None:
+        row = self.counts[slot]
+        row[SKIP_REASONS.index(error.reason)] += 1
+        seen = int(row.sum())
+        if seen <= self.log_first:
+            log.warning("skipped clip (%s): %s", error.reason, error)
+        elif seen % self.log_every == 0:
+            summary = ", ".join(
+                f"{r}={int(n)}" for r, n in zip(SKIP_REASONS, row.tolist(), strict=True) if n
+            )
+            log.warning("worker %d has skipped %d clips so far: %s", slot, seen, summary)
+
+    def totals(self) -> dict[str, int]:
+        """Skipped clips per reason, summed over workers (this process's view of this rank)."""
+        return {
+            reason: int(n)
+            for reason, n in zip(SKIP_REASONS, self.counts.sum(0).tolist(), strict=True)
+        }
+
+
+def catalogue(shards: Sequence[Shard], counter: SkipCounter) -> list[ClipRef]:
+    """Every clip of `shards` with offset and metadata, in shard order (one scan, no decode).
+
+    Samples without audio or with bad json, and tars that break, are counted in `counter`
+    (row 0: the main process) and logged; the clips before a break are kept.
+    """
+    clips: list[ClipRef] = []
+    for shard in shards:
+        found, broken, error = scan_shard(shard.path)
+        if error is not None:
+            counter.add(0, CorruptClip("bad_shard", str(error)))
+        clips.extend(found)
+        for raw in broken:
+            try:
+                decode_clip(raw)
+            except CorruptClip as err:
+                counter.add(0, err)
+    return clips
