@@ -12,10 +12,13 @@ import sys
 
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("data_prep.__main__:main", "prepare a corpus and write WebDataset shards"),
+    "shard": ("data_prep.__main__:shard_main", "prepare a corpus and write WebDataset shards"),
     "pretrain": ("ssamba.tasks.pretrain_cli:main", "self-supervised pretraining (LightningCLI)"),
     "finetune": ("ssamba.tasks.finetune_cli:main", "fine-tune / linear-probe on a labelled task"),
-    "evaluate": ("ssamba.tasks.evaluate_cli:main", "evaluate a fine-tuned checkpoint, write results.json"),
+    "evaluate": (
+        "ssamba.tasks.evaluate_cli:main",
+        "evaluate a fine-tuned checkpoint, write results.json",
+    ),
     "embed": ("ssamba.embed:main", "embeddings for audio files or folders"),
     "export": ("ssamba.models.checkpoints:export_main", "export the encoder of a checkpoint"),
     "bench": ("ssamba.bench.__main__:main", "speed and memory benchmarks"),

@@ -1,0 +1,1 @@
+"""Training tasks: masked spectrogram patch pretraining and labelled fine-tuning."""

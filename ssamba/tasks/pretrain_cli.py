@@ -1,0 +1,42 @@
+"""`ssamba pretrain`: masked spectrogram patch modelling from a YAML recipe.
+
+    ssamba pretrain --config recipes/pretrain/fsdd_tiny_cpu.yaml
+    ssamba pretrain --config recipes/pretrain/asli_base.yaml --trainer.max_steps 100000
+    ssamba pretrain --config recipes/pretrain/asli_base.yaml --ckpt_path last   # resume
+    ssamba pretrain --config recipes/pretrain/asli_tiny.yaml --print_config
+
+A recipe has three sections: `model:` (PretrainTask: encoder piece from recipes/model/,
+masking, loss weights, optimiser and schedule), `data:` (PretrainDataModule: shard
+folders, mixing weights, batch size, crop length; the model's input length follows
+`data.target_length`) and `trainer:` (Lightning Trainer: steps, precision, devices,
+logger, checkpoints). Any key can be overridden on the command line, e.g.
+`--model.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`.
+
+Checkpoints go to `<logger folder>/checkpoints/` (last.ckpt and the best by val/acc);
+`--ckpt_path last` resumes the newest last.ckpt in the same folder: step count,
+optimiser, learning-rate schedule and masks continue where they stopped. At the end
+the encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ssamba.data.pretrain import PretrainDataModule
+from ssamba.tasks.cli_common import run_cli
+from ssamba.tasks.pretrain import PretrainTask
+
+PROG = "ssamba pretrain"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one pretraining recipe; returns the exit code (2 for a bad recipe)."""
+    return run_cli(
+        PretrainTask,
+        PretrainDataModule,
+        argv,
+        prog=PROG,
+        description=__doc__,
+        trainer_fn="fit",
+        links=[("data.target_length", "model.input_frames")],
+    )
