@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssamba.models.mamba import MambaMixer, causal_conv1d_fn, mamba_inner_fn
+from ssamba.models.mamba import MambaMixer, _CausalConv1dSilu, causal_conv1d_fn, mamba_inner_fn
 from ssamba.models.scan import selective_scan_ref
 
 D_MODEL, LENGTH = 16, 24
@@ -95,6 +95,77 @@ def test_reverse_scan_and_look_ahead_conv_equal_vims_flip_recipe(bimamba, divide
         torch.testing.assert_close(
             mixer(hidden), vim_reference(mixer, hidden), atol=2e-5, rtol=1e-4
         )
+
+
+def pytorch_conv(x, weight, bias, look_ahead):
+    """Vim's conv: causal on the sequence, or on the flipped sequence for the backward direction."""
+    k = weight.shape[-1]
+    x = x.flip(-1) if look_ahead else x
+    out = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    out = F.silu(out)
+    return out.flip(-1) if look_ahead else out
+
+
+@pytest.mark.parametrize("look_ahead", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "dim", "length", "channels_last", "with_bias"),
+    [
+        (2, 5, 1, True, True),
+        (2, 19, 3, False, True),
+        (3, 37, 150, True, True),
+        (1, 16, 70, True, False),
+    ],
+)
+def test_cpu_conv_kernel_matches_pytorch_conv(
+    look_ahead, batch, dim, length, channels_last, with_bias
+):
+    """Values and gradients; 150 steps cross the kernel's 64-step work items."""
+    g = torch.Generator().manual_seed(0)
+    if channels_last:  # the x half of in_proj's (batch, length, 2 * dim) output
+        x = torch.randn(batch, length, 2 * dim, generator=g)[..., :dim].transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, length, generator=g)
+    weight = torch.randn(dim, 1, 4, generator=g)
+    bias = torch.randn(dim, generator=g) if with_bias else None
+    params = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    grad_out = torch.randn(batch, dim, length, generator=g)
+    got = _CausalConv1dSilu.apply(x, weight, bias, look_ahead)
+    want = pytorch_conv(x, weight, bias, look_ahead)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.transpose(1, 2).is_contiguous(), "output should be channels-last"
+    got_grads = torch.autograd.grad(got, params, grad_out)
+    want_grads = torch.autograd.grad(want, params, grad_out)
+    for name, a, b in zip(("x", "weight", "bias"), got_grads, want_grads, strict=False):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_cpu_conv_kernel_passes_gradcheck_in_float64(look_ahead):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 70, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(3, 1, 4, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *a: _CausalConv1dSilu.apply(*a, look_ahead), (x, weight, bias), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("bimamba", ["none", "v1", "v2"])
+def test_cpu_kernels_and_pure_pytorch_give_the_same_mixer_and_gradients(bimamba, monkeypatch):
+    """SSAMBA_SCAN=ref runs PyTorch's conv and the reference scan: the C++ path must agree."""
+    mixer = make_mixer(bimamba).train()
+    hidden = torch.randn(2, 70, D_MODEL, generator=torch.Generator().manual_seed(2))
+    results = []
+    for choice in ("cpp", "ref"):
+        monkeypatch.setenv("SSAMBA_SCAN", choice)
+        mixer.zero_grad()
+        out = mixer(hidden)
+        out.square().mean().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in mixer.named_parameters()}))
+    (cpp_out, cpp_grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(cpp_out, ref_out, atol=1e-5, rtol=1e-4)
+    for name in ref_grads:
+        torch.testing.assert_close(cpp_grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("bimamba", ["v1", "v2"])

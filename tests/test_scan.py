@@ -184,21 +184,61 @@ def test_cpp_kernel_passes_gradcheck_in_float64(reverse):
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_cpp_kernel_reads_channels_last_views_and_keeps_their_layout():
-    """(batch, length, dim) memory seen as (batch, dim, length), as the mixer produces it."""
-    inputs = make_inputs(2, 21, 16, 80, dtype=torch.float32)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpp_kernel_reads_channels_last_views_and_keeps_their_layout(reverse):
+    """(batch, length, dim) memory seen as (batch, dim, length), as the mixer produces it;
+    150 steps span three chunks, so the prefetch of the next chunk's rows is exercised."""
+    inputs = make_inputs(2, 21, 16, 150, dtype=torch.float32)
     views = {}
     for k, v in inputs.items():
         if v is not None and v.dim() == 3:
             v = v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
         views[k] = v
-    out, last, grads = run(selective_scan_cpp, inputs)
-    v_out, v_last, v_grads = run(selective_scan_cpp, views)
+    out, last, grads = run(selective_scan_cpp, inputs, reverse=reverse)
+    v_out, v_last, v_grads = run(selective_scan_cpp, views, reverse=reverse)
     assert v_out.stride(1) == 1, "output should stay channels-last (no copy)"
     torch.testing.assert_close(v_out, out, atol=0, rtol=0)
     torch.testing.assert_close(v_last, last, atol=0, rtol=0)
     for k in grads:
         torch.testing.assert_close(v_grads[k], grads[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpp_kernel_results_do_not_depend_on_the_thread_count(batch):
+    """With fewer batch elements than threads the channels are split between threads and
+    dB/dC are summed over the groups: same values, and the same bits run to run."""
+    inputs = make_inputs(batch, 40, 16, 150, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3, 3):
+            torch.set_num_threads(n)
+            results.append(run(selective_scan_cpp, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, last1, grads1), (out3, last3, grads3), (again, _, grads_again) = results
+    assert torch.equal(out1, out3) and torch.equal(last1, last3)
+    assert torch.equal(out3, again)
+    for k in grads1:
+        torch.testing.assert_close(grads3[k], grads1[k], atol=1e-5, rtol=1e-5, msg=k)
+        assert torch.equal(grads3[k], grads_again[k]), k
+
+
+def test_cpp_kernel_gradients_through_the_last_state_alone():
+    """A loss on last_state only: the output's gradient reaches the kernel as None."""
+    inputs = make_inputs(2, 19, 16, 70)
+    grads = {}
+    for impl, given in ((selective_scan_ref, inputs), (selective_scan_cpp, as_float32(inputs))):
+        _, last = impl(*(given[k] for k in NAMES), delta_softplus=True, return_last_state=True)
+        leaves = [given[k] for k in NAMES]
+        # D and z do not reach the last state: their gradients are zero.
+        grads[impl] = torch.autograd.grad(
+            last.square().sum(), leaves, allow_unused=True, materialize_grads=True
+        )
+    for name, got, want in zip(
+        NAMES, grads[selective_scan_cpp], grads[selective_scan_ref], strict=True
+    ):
+        assert_close(f"d{name}", got, want)
 
 
 def test_cpp_kernel_accepts_broadcast_output_gradients():
@@ -223,8 +263,11 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
 
 
 # --------------------------------------------------------------------------- chunked scan
-@pytest.mark.parametrize(("length", "reverse"), [(1, False), (150, False), (150, True)])
+@pytest.mark.parametrize(
+    ("length", "reverse"), [(1, False), (150, False), (150, True), (3 * scan.SEGMENT // 2, False)]
+)
 def test_chunked_scan_matches_reference(length, reverse):
+    """The last length spans two checkpointed segments: the state must carry across."""
     assert_matches(
         selective_scan_chunked, make_inputs(2, 5, 16, length), softplus=True, reverse=reverse
     )

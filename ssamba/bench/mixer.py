@@ -18,11 +18,10 @@ allocator slack), `max_memory_allocated` on CUDA.
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from ssamba.bench.report import in_fresh_process, peak_rss_bytes, rss_bytes
 
 MIXER_TOKENS = [256, 512, 1024, 2048, 4096]
 ENCODER_TOKENS = [512, 1024, 2048, 4096]
@@ -44,12 +43,10 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
     jobs += [
         ("encoder", model, tokens) for tokens in _limit(ENCODER_TOKENS, quick) for model in ENCODERS
     ]
-    rows = []
-    for sweep, model, tokens in jobs:
-        # A fresh process per measurement: peak memory of one cannot leak into the next.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(_measure, sweep, model, tokens, repeats).result())
-    return rows
+    # A fresh process per measurement: peak memory of one cannot leak into the next.
+    return [
+        in_fresh_process(_measure, sweep, model, tokens, repeats) for sweep, model, tokens in jobs
+    ]
 
 
 def _limit(tokens: list[int], quick: bool) -> list[int]:
@@ -136,8 +133,7 @@ def _memory_now(device) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    return rss_bytes()
 
 
 def _peak_memory(device) -> int:
@@ -145,4 +141,4 @@ def _peak_memory(device) -> int:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return peak_rss_bytes()

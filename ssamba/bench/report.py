@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import resource
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -19,6 +22,23 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def in_fresh_process(fn: Callable[..., dict], *args: object) -> dict:
+    """fn(*args) in a new spawned process, so its peak memory is its own (fn: module level)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set size (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def print_table(rows: list[dict]) -> None:

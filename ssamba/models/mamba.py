@@ -26,9 +26,13 @@ on in SSAMBA). Upstream's fused v1 kernel never halves, so faithful v1 presets s
 Upstream's non-CUDA path silently drops the backward direction (the `*_b` parameters are
 ignored); here every path computes both. On CUDA with `mamba_ssm` importable, "none" and
 "v2" run mamba-ssm's fused `mamba_inner_fn` (flips for the backward direction); everything
-else composes the depthwise conv (causal-conv1d's kernel on CUDA when present) and
-`ssamba.models.scan.selective_scan_fn`, whose `reverse=True` runs time backwards.
-The parameters are the same either way, so checkpoints move between paths.
+else composes the depthwise conv and `ssamba.models.scan.selective_scan_fn`, whose
+`reverse=True` runs time backwards. The conv is causal-conv1d's kernel on CUDA when
+present, our C++ kernel on CPU when the scan runs the C++ kernel (float32/float64), else
+PyTorch's conv1d. On CPU no activation is flipped or copied: x and z stay channels-last
+views of in_proj's output, the conv writes channels-last u, and x_proj, the scan and
+out_proj read and write that layout directly. The parameters are the same on every path,
+so checkpoints move between them.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.models.layers import DropPath
-from ssamba.models.scan import selective_scan_fn
+from ssamba.models.scan import load_cpu_kernel, resolve_implementation, selective_scan_fn
 
 try:  # optional CUDA kernels (pip install 'ssamba[cuda]')
     from causal_conv1d import causal_conv1d_fn
@@ -152,8 +156,9 @@ class MambaMixer(nn.Module):
         """hidden: (batch, length, d_model) -> (batch, length, d_model)."""
         if self._fused_ok(hidden):
             return self._forward_fused(hidden)
-        # (batch, d_inner, length) views of the channels-last projection: no copies.
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        # (batch, d_inner, length) views of the channels-last projection: no copies, and the
+        # gradients of x and z assemble into (batch, length, 2 * d_inner) for in_proj's.
+        x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
         if self.bimamba == "v1":
             # One causal conv and projection; the same inputs are scanned both ways.
             u, delta, B, C = self._ssm_inputs(x, self.conv1d, self.x_proj, self.dt_proj, False)
@@ -242,6 +247,8 @@ class MambaMixer(nn.Module):
                 )
                 return out.flip(-1)
             return causal_conv1d_fn(x.contiguous(), weight, conv.bias, activation="silu")
+        if _cpu_conv_applies(x, conv):
+            return _CausalConv1dSilu.apply(x, conv.weight, conv.bias, look_ahead)
         k, length = self.d_conv, x.shape[-1]
         weight = conv.weight.flip(-1) if look_ahead else conv.weight
         out = F.conv1d(x, weight, conv.bias, padding=k - 1, groups=self.d_inner)
@@ -290,6 +297,39 @@ class MambaMixer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bimamba={self.bimamba!r}, divide_out={self.divide_out}"
+
+
+def _cpu_conv_applies(x: Tensor, conv: nn.Conv1d) -> bool:
+    """The C++ conv runs where the C++ scan does (SSAMBA_SCAN=ref|chunked keep PyTorch's)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and conv.weight.dtype == x.dtype
+        and resolve_implementation(x.device) == "cpp"
+    )
+
+
+class _CausalConv1dSilu(torch.autograd.Function):
+    """silu(depthwise causal or look-ahead conv1d) by the C++ CPU kernel (`csrc/causal_conv1d.cpp`).
+
+    x: (batch, d_inner, length), any strides; weight: (d_inner, 1, d_conv); bias: (d_inner,)
+    or None. Returns (batch, d_inner, length) with channels-last memory. The backward
+    recomputes the pre-activation from x instead of saving it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, look_ahead):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.look_ahead = look_ahead
+        return load_cpu_kernel().conv_forward(x, weight.squeeze(1).contiguous(), bias, look_ahead)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = load_cpu_kernel().conv_backward(
+            dout, x, weight.squeeze(1).contiguous(), bias, ctx.look_ahead
+        )
+        return dx, dweight.view_as(weight), dbias, None
 
 
 def _state_matrix(A_log: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ Implementations, all with the same signature:
 - `selective_scan_chunked`: pure PyTorch, vectorised over 64-step chunks, checkpointed;
   the fallback when no C++ compiler is available and the benchmark comparator.
 - `selective_scan_cpp`: our C++ CPU kernel (`csrc/selective_scan.cpp`) with a hand-written
-  backward; built on first use.
+  backward; built on first use, together with the mixer's conv kernel (`load_cpu_kernel`).
 - `selective_scan_cuda`: mamba-ssm's fused CUDA kernel (reverse via flips).
 
 `selective_scan_fn` dispatches: CUDA tensors -> mamba-ssm if importable; CPU -> the C++
@@ -43,6 +43,10 @@ ScanResult = Tensor | tuple[Tensor, Tensor]
 # Steps between the states the C++ forward keeps for its backward, and the chunk of the
 # pure-PyTorch scan; 32-128 measured within 5% of each other.
 CHUNK = 64
+# Steps the pure-PyTorch scan checkpoints as one piece: its backward holds one segment's
+# graph at a time instead of the whole sequence's (peak RSS at batch 4, dim 384, 2048 steps:
+# 1.3 GB instead of 3.1 GB; what remains grows with length is mostly glibc heap slack).
+SEGMENT = 4 * CHUNK
 _CSRC = Path(__file__).with_name("csrc")
 _ENV = "SSAMBA_SCAN"
 _CHOICES = ("auto", "ref", "chunked", "cpp", "cuda")
@@ -210,15 +214,16 @@ def selective_scan_ref(
 
 # --------------------------------------------------------------------------- chunked PyTorch
 def _chunked_states(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, initial: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """y: (batch, dim, length) without skip/gate, and the last state: (batch, dim, d_state).
 
-    Inputs are padded to a multiple of `chunk`. Each chunk runs the exact recurrence
-    from a zero state, all chunks at once (`chunk` vectorised steps instead of `length`);
-    then the true state entering each chunk is propagated across chunks and its
-    contribution, decayed by exp(A * cumsum(delta)) <= 1, is added. No exp(-cumsum)
-    appears anywhere, so nothing overflows where the recurrence itself does not.
+    Inputs are padded to a multiple of `chunk`; `initial` is the state before the first
+    step. Each chunk runs the exact recurrence from a zero state, all chunks at once
+    (`chunk` vectorised steps instead of `length`); then the true state entering each
+    chunk is propagated across chunks and its contribution, decayed by
+    exp(A * cumsum(delta)) <= 1, is added. No exp(-cumsum) appears anywhere, so nothing
+    overflows where the recurrence itself does not.
     """
     batch, dim, length = u.shape
     n_chunks = length // chunk
@@ -237,7 +242,7 @@ def _chunked_states(
     y_local = torch.stack(ys, dim=-1)  # (batch, dim, n_chunks, chunk)
 
     decay_in_chunk = torch.exp(dt.cumsum(-1)[..., None] * A[:, None, None, :])
-    state = u.new_zeros(batch, dim, d_state)
+    state = initial
     entering = []
     for c in range(n_chunks):
         entering.append(state)
@@ -261,9 +266,10 @@ def selective_scan_chunked(
     return_last_state: bool = False,
     reverse: bool = False,
 ) -> ScanResult:
-    """Pure-PyTorch scan, vectorised over chunks and checkpointed (backward recomputes).
+    """Pure-PyTorch scan, vectorised over chunks, checkpointed per SEGMENT steps.
 
-    Runs on any device; about 30x slower and 20x hungrier than the C++ kernel on CPU.
+    Runs on any device; on CPU one to two orders of magnitude slower and hungrier than the
+    C++ kernel (`python -m ssamba.bench scan`).
     """
     _validate(u, delta, A, B, C, D, z, delta_bias)
     if reverse:
@@ -289,11 +295,17 @@ def selective_scan_chunked(
     # Zero padding is inert: delta' = 0 means decay 1 and no input, so the state is kept.
     pad = (-length) % CHUNK
     u_pad, dt_pad, B_pad, C_pad = (F.pad(t, (0, pad)) for t in (u, dt, B, C))
-    args = (u_pad, dt_pad, A, B_pad, C_pad, CHUNK)
-    if torch.is_grad_enabled():
-        y, last = checkpoint(_chunked_states, *args, use_reentrant=False)
-    else:
-        y, last = _chunked_states(*args)
+    last = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for start in range(0, length + pad, SEGMENT):
+        piece = slice(start, start + SEGMENT)
+        args = (u_pad[..., piece], dt_pad[..., piece], A, B_pad[..., piece], C_pad[..., piece])
+        if torch.is_grad_enabled():
+            y, last = checkpoint(_chunked_states, *args, last, CHUNK, use_reentrant=False)
+        else:
+            y, last = _chunked_states(*args, last, CHUNK)
+        ys.append(y)
+    y = torch.cat(ys, dim=-1) if ys else u.new_zeros(u.shape)
     out = _skip_and_gate(y[..., :length], u, D, z).to(out_dtype)
     return (out, last.to(out_dtype)) if return_last_state else out
 
@@ -316,9 +328,12 @@ def _cpu_fingerprint() -> str:
 
 
 def load_cpu_kernel():
-    """Build (first time, ~40 s) or load (cached, ~0.05 s) the C++ kernel; once per process.
+    """Build (first time, ~60 s) or load (cached, ~0.05 s) the C++ kernels; once per process.
 
-    Raises RuntimeError with the compiler's complaint if it cannot be built.
+    One module holds the selective scan (`scan_forward`/`scan_backward`) and the mixer's
+    depthwise causal conv1d + silu (`conv_forward`/`conv_backward`, used by
+    `ssamba.models.mamba`). Raises RuntimeError with the compiler's complaint if it
+    cannot be built.
     """
     global _kernel, _kernel_error
     with _build_lock:
@@ -326,10 +341,12 @@ def load_cpu_kernel():
             from torch.utils import cpp_extension
 
             flags = ["-O3", "-march=native", "-fopenmp", f"-DSSAMBA_CPU={_cpu_fingerprint()}"]
+            sources = ["module.cpp", "selective_scan.cpp", "causal_conv1d.cpp"]
             try:
                 _kernel = cpp_extension.load(
-                    name="ssamba_selective_scan",
-                    sources=[str(_CSRC / "selective_scan.cpp")],
+                    name="ssamba_cpu_kernels",
+                    sources=[str(_CSRC / name) for name in sources],
+                    extra_include_paths=[str(_CSRC)],
                     extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -356,18 +373,22 @@ class _CppSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        out, last_state, chunk_states = load_cpu_kernel().forward(
+        out, last_state, chunk_states = load_cpu_kernel().scan_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, CHUNK
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
         ctx.options = (delta_softplus, reverse)
+        # An unused last_state (the usual case) then reaches backward as None, not zeros.
+        ctx.set_materialize_grads(False)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, dlast_state):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
         delta_softplus, reverse = ctx.options
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = load_cpu_kernel().backward(
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = load_cpu_kernel().scan_backward(
             dout,
             dlast_state,
             u,

@@ -4,108 +4,91 @@
 //   h_t      = exp(delta'_t * A) * h_{t-1} + delta'_t * B_t * u_t
 //   y_t      = <C_t, h_t> + D * u_t;       out_t = y_t * silu(z_t)
 //
-// Layout of the work (each choice measured on a 2-core AVX-512 machine, see
-// docs/PERFORMANCE.md of the design notes):
-// - one work item = (batch, block of kLanes = 16 channels); items run in parallel, time runs
-//   sequentially inside an item; the 16 channels of a state live in one AVX-512 register
-//   (vectorising over channels, not over the d_state states, was 4x faster);
-// - time is processed in chunks: the inputs of a chunk are first copied into small
-//   (step, lane) tiles, which is where arbitrary strides (channels-last views, reversed
-//   time) are absorbed, and where softplus runs outside the vectorised loop;
-// - the forward keeps only the state at the start of each chunk; the backward recomputes
-//   the chunk's states from it, then runs the adjoint recurrence backwards in time;
-// - dA, dD and d(delta_bias) are summed over thousands of steps: chunk sums are float,
-//   the running total is double.
+// How the work is laid out (each choice measured on a 2-core AVX-512 machine, see
+// PERFORMANCE.md of the design notes and `python -m ssamba.bench scan`):
+// - arithmetic is written on 16-lane vectors (GCC/Clang vector extensions), one lane per
+//   channel: one AVX-512 register holds one state of 16 channels (the compiler splits the
+//   vectors on narrower machines). Over channels, not over the d_state states, the forward
+//   needs no horizontal sums; the d_state = 16 loop is unrolled with the states in registers;
+// - a work item is one batch element (or, when there are fewer batch elements than threads,
+//   a group of its channels); items run in parallel, time runs sequentially inside an item;
+// - time is processed in chunks. A chunk's inputs are first copied into (block, step) tiles,
+//   reading whole rows of the channels-last (B, L, D) tensors the mixer produces; arbitrary
+//   strides and reversed time are absorbed there, and softplus and silu run there, outside
+//   the recurrence. While a chunk is computed, the next one is prefetched;
+// - exp(dt * A) = exp2(dt * A log2 e), a branch-free polynomial (AVX-512: vreduceps and
+//   vscalefps split and scale), 8 instructions;
+// - the forward keeps only the state entering each chunk; the backward recomputes a chunk's
+//   states and decays from it, then runs the adjoint recurrence backwards in time;
+// - dB and dC are sums over channels: per step, the 16 per-state vectors are summed across
+//   lanes by one shuffle-and-add tree built while they are produced;
+// - dA, dD and d(delta_bias) are summed over thousands of steps: chunk sums are float, the
+//   running totals double. Results do not depend on thread timing.
 // Python (ssamba/models/scan.py) validates shapes and dtypes before calling in.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
+#include <numeric>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#define SSAMBA_HAS_MXCSR 1
-#endif
+#include "simd.h"
 
+namespace ssamba {
 namespace {
 
-constexpr int64_t kLanes = 16;  // channels per work item: one AVX-512 register of floats
+// Sixteen horizontal sums at once, fed one vector at a time: lane n of the result is the
+// sum of the lanes of the n-th vector. The vectors are combined pairwise as they arrive
+// (each level adds two half-width shuffles of a pair, halving the count), so at most four
+// partial results are live: the state loop keeps its registers. 46 shuffles/adds replace
+// 16 horizontal sums of ~8 instructions each. `n` must be a compile-time constant after
+// unrolling, fed in order 0..15.
+template <typename V>
+class LaneSums {
+ public:
+  inline void add(int64_t n, const V& v) {
+    if (!(n & 1)) {
+      level0_ = v;
+      return;
+    }
+    const V a = __builtin_shufflevector(level0_, v, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
+                                        21, 22, 23) +
+                __builtin_shufflevector(level0_, v, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
+                                        28, 29, 30, 31);
+    if (!(n & 2)) {
+      level1_ = a;
+      return;
+    }
+    const V b = __builtin_shufflevector(level1_, a, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24,
+                                        25, 26, 27) +
+                __builtin_shufflevector(level1_, a, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15,
+                                        28, 29, 30, 31);
+    if (!(n & 4)) {
+      level2_ = b;
+      return;
+    }
+    const V c = __builtin_shufflevector(level2_, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12,
+                                        13, 28, 29) +
+                __builtin_shufflevector(level2_, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27,
+                                        14, 15, 30, 31);
+    if (!(n & 8)) {
+      level3_ = c;
+      return;
+    }
+    const V d = __builtin_shufflevector(level3_, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26,
+                                        12, 28, 14, 30) +
+                __builtin_shufflevector(level3_, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27,
+                                        13, 29, 15, 31);
+    // The tree leaves the sums in bit-reversed order.
+    sums_ = __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+  }
+  const V& sums() const { return sums_; }
 
-// Denormal states (long decays) are ~100x slower on x86; they carry no useful signal.
-struct FlushDenormalsInScope {
-#ifdef SSAMBA_HAS_MXCSR
-  unsigned int saved = _mm_getcsr();
-  FlushDenormalsInScope() { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
-  ~FlushDenormalsInScope() { _mm_setcsr(saved); }
-#endif
-};
-
-// Branch-free exp (Cephes polynomial, relative error ~1e-7) so the compiler vectorises the
-// state loop; the double version stays exact because gradcheck runs in double.
-inline float vec_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // Round to nearest by adding and removing 1.5 * 2^23: std::floor blocks vectorisation.
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-inline double vec_exp(double x) { return std::exp(x); }
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + vec_exp(-x));
-}
-
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)), branch-free so the tile loop vectorises
-// (glibc's scalar log1pf cost 3x the whole recurrence). log1p(e) for e in (0, 1] is
-// 2 atanh(e / (2 + e)), whose odd series converges fast for arguments <= 1/3:
-// relative error < 1e-8. Agrees with torch's softplus (threshold 20) to float precision.
-inline float softplus(float x) {
-  const float e = vec_exp(-std::abs(x));
-  const float s = e / (2.0f + e), s2 = s * s;
-  float series = 1.0f / 17.0f;
-  series = series * s2 + 1.0f / 15.0f;
-  series = series * s2 + 1.0f / 13.0f;
-  series = series * s2 + 1.0f / 11.0f;
-  series = series * s2 + 1.0f / 9.0f;
-  series = series * s2 + 1.0f / 7.0f;
-  series = series * s2 + 1.0f / 5.0f;
-  series = series * s2 + 1.0f / 3.0f;
-  series = series * s2 + 1.0f;
-  return std::max(x, 0.0f) + 2.0f * s * series;
-}
-inline double softplus(double x) { return x <= 20.0 ? std::log1p(std::exp(x)) : x; }
-
-// A (batch, rows, length) tensor seen through its strides; rows are channels or states.
-template <typename T>
-struct Strided {
-  T* data = nullptr;
-  int64_t sb = 0, sr = 0, st = 0;
-  Strided() = default;
-  explicit Strided(const at::Tensor& x)
-      : data(x.defined() ? x.data_ptr<T>() : nullptr),
-        sb(x.defined() ? x.stride(0) : 0),
-        sr(x.defined() ? x.stride(1) : 0),
-        st(x.defined() ? x.stride(2) : 0) {}
-  T& at(int64_t b, int64_t r, int64_t t) const { return data[b * sb + r * sr + t * st]; }
+ private:
+  V level0_, level1_, level2_, level3_, sums_;
 };
 
 template <typename T>
 struct Problem {
   int64_t batch, dim, length, states, chunk, blocks, chunks;
+  int64_t groups;  // channel groups per batch element: work items are (batch, group)
   bool softplus, reverse;
   Strided<T> u, delta, z, B, C;
   const T* A;     // (dim, states)
@@ -113,8 +96,23 @@ struct Problem {
   const T* bias;  // (dim,) or null
 
   int64_t time_at(int64_t position) const { return reverse ? length - 1 - position : position; }
-  int64_t chunk_steps(int64_t c) const { return std::min(chunk, length - c * chunk); }
+  int64_t chunk_steps(int64_t c) const {
+    return std::max<int64_t>(0, std::min(chunk, length - c * chunk));
+  }
+  int64_t tile_steps() const { return std::max<int64_t>(1, std::min(chunk, length)); }
+  int64_t items() const { return batch * groups; }
+  int64_t max_group_blocks() const { return (blocks + groups - 1) / groups; }
 };
+
+// Work items are (batch element, group of channel blocks), claimed by threads one at a
+// time. Whole batch elements keep each time step's channels in one item, so rows are read
+// contiguously (half rows measured up to 1.5x slower in the backward); the channels are
+// split only as far as needed to give every thread an equal share (batch 1 or 3, 2 threads).
+int64_t channel_groups(int64_t batch, int64_t blocks) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t wanted = threads / std::gcd(std::max<int64_t>(batch, 1), threads);
+  return std::max<int64_t>(1, std::min(blocks, wanted));
+}
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -129,6 +127,7 @@ Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::
   p.chunk = chunk;
   p.blocks = (p.dim + kLanes - 1) / kLanes;
   p.chunks = std::max<int64_t>(1, (p.length + chunk - 1) / chunk);
+  p.groups = channel_groups(p.batch, p.blocks);
   p.softplus = softplus;
   p.reverse = reverse;
   p.u = Strided<T>(u);
@@ -142,344 +141,475 @@ Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::
   return p;
 }
 
-// Copy steps [first, first + steps) of `src` for channels [c0, c0 + lanes) into a
-// (step, kLanes) tile, zero-padding missing lanes. The loop order follows the smaller
-// stride so channels-last and time-contiguous inputs are both read sequentially; reversed
-// time is a negative step.
-template <typename T, typename Copy>
-void for_tile(const Problem<T>& p, const Strided<T>& src, int64_t b, int64_t c0, int64_t lanes,
-              int64_t first, int64_t steps, const Copy& copy) {
-  if (steps <= 0) return;
-  T* origin = &src.at(b, c0, p.time_at(first));
-  const int64_t step_stride = p.reverse ? -src.st : src.st;
-  if (src.sr == 1) {  // channels-last: each step is one contiguous run of channels
-    for (int64_t s = 0; s < steps; ++s) {
-      T* row = origin + s * step_stride;
-#pragma omp simd
-      for (int64_t l = 0; l < lanes; ++l) copy(row[l], s * kLanes + l);
+// One work item: batch element b, channels [c0, c1) = blocks of kLanes channels (the last
+// one possibly partial).
+struct Item {
+  int64_t b, first_block, blocks, c0, c1;
+  Item(int64_t index, int64_t groups, int64_t all_blocks, int64_t dim) : b(index / groups) {
+    const int64_t group = index % groups;
+    first_block = group * all_blocks / groups;
+    blocks = (group + 1) * all_blocks / groups - first_block;
+    c0 = first_block * kLanes;
+    c1 = std::min(dim, c0 + blocks * kLanes);
+  }
+  int64_t lanes(int64_t j) const { return std::min(kLanes, c1 - c0 - j * kLanes); }
+};
+
+// Steps [first, first + steps) of a chunk.
+struct Span {
+  int64_t first, steps;
+};
+
+// Copy the item's channels over a span into (block, step) vectors, tile[j * stride + i],
+// zero-padding the missing lanes of a partial block. Channels-last sources (the mixer's
+// (B, L, D) projections seen as (B, D, L)) are read row by row, each a contiguous run of
+// channels; anything else (time-contiguous, broadcast gradients) channel by channel.
+// Reversed time is a negative step stride.
+template <typename T>
+void load_tiles(const Problem<T>& p, const Strided<T>& src, const Item& it, const Span& s,
+                int64_t stride, Vec<T>* tile) {
+  if (s.steps <= 0) return;
+  const T* origin = &src.at(it.b, it.c0, p.time_at(s.first));
+  const int64_t step = p.reverse ? -src.st : src.st, full = (it.c1 - it.c0) / kLanes;
+  if (full < it.blocks)
+    for (int64_t i = 0; i < s.steps; ++i) tile[full * stride + i] = Vec<T>{};
+  if (src.sr == 1) {
+    for (int64_t i = 0; i < s.steps; ++i) {
+      const T* row = origin + i * step;
+      for (int64_t j = 0; j < full; ++j) tile[j * stride + i] = load(row + j * kLanes);
+      for (int64_t c = full * kLanes; c < it.c1 - it.c0; ++c)
+        tile[full * stride + i][c - full * kLanes] = row[c];
     }
-  } else {  // time-contiguous (or anything else): walk each channel along time
-    for (int64_t l = 0; l < lanes; ++l) {
-      T* column = origin + l * src.sr;
-      for (int64_t s = 0; s < steps; ++s) copy(column[s * step_stride], s * kLanes + l);
+    return;
+  }
+  for (int64_t c = 0; c < it.c1 - it.c0; ++c) {
+    const T* column = origin + c * src.sr;
+    Vec<T>* t = tile + (c / kLanes) * stride;
+    for (int64_t i = 0; i < s.steps; ++i) t[i][c % kLanes] = column[i * step];
+  }
+}
+
+template <typename T>
+void store_tiles(const Problem<T>& p, const Strided<T>& dst, const Item& it, const Span& s,
+                 int64_t stride, const Vec<T>* tile) {
+  if (s.steps <= 0) return;
+  T* origin = &dst.at(it.b, it.c0, p.time_at(s.first));
+  const int64_t step = p.reverse ? -dst.st : dst.st, full = (it.c1 - it.c0) / kLanes;
+  if (dst.sr == 1) {
+    for (int64_t i = 0; i < s.steps; ++i) {
+      T* row = origin + i * step;
+      for (int64_t j = 0; j < full; ++j) store(row + j * kLanes, tile[j * stride + i]);
+      for (int64_t c = full * kLanes; c < it.c1 - it.c0; ++c)
+        row[c] = tile[full * stride + i][c - full * kLanes];
+    }
+    return;
+  }
+  for (int64_t c = 0; c < it.c1 - it.c0; ++c) {
+    T* column = origin + c * dst.sr;
+    const Vec<T>* t = tile + (c / kLanes) * stride;
+    for (int64_t i = 0; i < s.steps; ++i) column[i * step] = t[i][c % kLanes];
+  }
+}
+
+// Software prefetch of the rows the next chunk will read (and the current chunk will
+// write), a few cache lines per step of the recurrence, so streaming the (B, L, D) tensors
+// from memory overlaps with the arithmetic instead of following it. Only channels-last
+// tensors (each row one contiguous run) are prefetched.
+class Prefetcher {
+ public:
+  template <typename T>
+  void add(const Problem<T>& p, const Strided<T>& t, const Item& it, const Span& s, bool write) {
+    if (t.data == nullptr || t.sr != 1 || s.steps <= 0 || count_ == kMaxStreams) return;
+    const int64_t bytes = (it.c1 - it.c0) * static_cast<int64_t>(sizeof(T));
+    streams_[count_++] = {reinterpret_cast<const char*>(&t.at(it.b, it.c0, p.time_at(s.first))),
+                          (p.reverse ? -t.st : t.st) * static_cast<int64_t>(sizeof(T)), s.steps,
+                          (bytes + kLine - 1) / kLine + 1, write};
+    lines_ += s.steps * streams_[count_ - 1].lines;
+  }
+  // Lines to issue per call so everything is requested within `calls` calls.
+  void pace(int64_t calls) { per_call_ = (lines_ + calls - 1) / std::max<int64_t>(1, calls); }
+  void issue() {
+    for (int64_t k = 0; k < per_call_ && stream_ < count_; ++k) {
+      const Stream& s = streams_[stream_];
+      const char* line = s.first + row_ * s.row_stride + line_ * kLine;
+      if (s.write)
+        __builtin_prefetch(line, 1, 2);
+      else
+        __builtin_prefetch(line, 0, 2);
+      if (++line_ == s.lines) {
+        line_ = 0;
+        if (++row_ == s.rows) row_ = 0, ++stream_;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64, kMaxStreams = 8;
+  struct Stream {
+    const char* first;
+    int64_t row_stride, rows, lines;
+    bool write;
+  };
+  Stream streams_[kMaxStreams];
+  int64_t count_ = 0, lines_ = 0, per_call_ = 0, stream_ = 0, row_ = 0, line_ = 0;
+};
+
+// (step, state) rows of B or C for one batch element over a span.
+template <typename T>
+void load_state_rows(const Problem<T>& p, const Strided<T>& src, int64_t b, const Span& s,
+                     T* rows) {
+  if (s.steps <= 0) return;
+  const T* origin = &src.at(b, 0, p.time_at(s.first));
+  const int64_t step = p.reverse ? -src.st : src.st;
+  for (int64_t i = 0; i < s.steps; ++i)
+    for (int64_t n = 0; n < p.states; ++n) rows[i * p.states + n] = origin[n * src.sr + i * step];
+}
+
+// (states) vectors <-> one block of a (states, dim) slice: a saved chunk state, the last
+// state or its gradient.
+template <typename T>
+void load_state(const T* src, int64_t states, int64_t dim, int64_t lanes, Vec<T>* h) {
+  for (int64_t n = 0; n < states; ++n) {
+    if (lanes == kLanes) {
+      h[n] = load(src + n * dim);
+    } else {
+      h[n] = Vec<T>{};
+      for (int64_t l = 0; l < lanes; ++l) h[n][l] = src[n * dim + l];
     }
   }
 }
 
 template <typename T>
-void load_tile(const Problem<T>& p, const Strided<T>& src, int64_t b, int64_t c0, int64_t lanes,
-               int64_t first, int64_t steps, T* tile) {
-  std::fill(tile, tile + steps * kLanes, T(0));
-  for_tile(p, src, b, c0, lanes, first, steps, [tile](T& x, int64_t i) { tile[i] = x; });
-}
-
-template <typename T>
-void store_tile(const Problem<T>& p, const Strided<T>& dst, int64_t b, int64_t c0, int64_t lanes,
-                int64_t first, int64_t steps, const T* tile) {
-  for_tile(p, dst, b, c0, lanes, first, steps, [tile](T& x, int64_t i) { x = tile[i]; });
-}
-
-// (step, state) rows of B or C for one batch element and one chunk.
-template <typename T>
-void load_state_rows(const Problem<T>& p, const Strided<T>& src, int64_t b, int64_t first,
-                     int64_t steps, T* rows) {
-  if (steps <= 0) return;
-  const T* origin = &src.at(b, 0, p.time_at(first));
-  const int64_t step_stride = p.reverse ? -src.st : src.st;
-  for (int64_t n = 0; n < p.states; ++n)
-    for (int64_t s = 0; s < steps; ++s) rows[s * p.states + n] = origin[n * src.sr + s * step_stride];
-}
-
-// Per-thread scratch for one work item and one chunk; sized once per task.
-template <typename T>
-struct Scratch {
-  std::vector<T> u, dt, z, raw_dt, out, Brows, Crows, A, D, bias;
-  std::vector<T> h, h0, g, h_hist, decay_hist, y;  // backward recomputation
-  Scratch(const Problem<T>& p) {
-    const int64_t tile = p.chunk * kLanes, st = p.states * kLanes;
-    for (auto* v : {&u, &dt, &z, &raw_dt, &out, &y}) v->resize(tile);
-    Brows.resize(p.chunk * p.states);
-    Crows.resize(p.chunk * p.states);
-    A.resize(st);
-    for (auto* v : {&D, &bias}) v->resize(kLanes);
-    for (auto* v : {&h, &h0, &g}) v->resize(st);
+void store_state(const Vec<T>* h, int64_t states, int64_t dim, int64_t lanes, T* dst) {
+  for (int64_t n = 0; n < states; ++n) {
+    if (lanes == kLanes) {
+      store(dst + n * dim, h[n]);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) dst[n * dim + l] = h[n][l];
+    }
   }
-  void reserve_history(const Problem<T>& p) {
-    h_hist.resize(p.chunk * p.states * kLanes);
-    decay_hist.resize(p.chunk * p.states * kLanes);
+}
+
+// Per-channel constants as (block) vectors, computed once per call for all items:
+// A * log2(e) as (block, state), so exp(dt * A) = exp2(dt * A2); D; delta_bias; and a mask
+// that is 1 in the real lanes and 0 in the padding of a partial last block.
+template <typename T>
+struct Constants {
+  using V = Vec<T>;
+  std::vector<V> A2, D, bias, lane_mask;
+
+  explicit Constants(const Problem<T>& p)
+      : A2(p.blocks * p.states), D(p.blocks), bias(p.blocks), lane_mask(p.blocks) {
+    for (int64_t d = 0; d < p.dim; ++d) {
+      const int64_t j = d / kLanes, l = d % kLanes;
+      for (int64_t n = 0; n < p.states; ++n)
+        A2[j * p.states + n][l] = p.A[d * p.states + n] * T(kLog2e);
+      D[j][l] = p.D ? p.D[d] : T(0);
+      bias[j][l] = p.bias ? p.bias[d] : T(0);
+      lane_mask[j][l] = T(1);
+    }
   }
 };
 
-// Per-block constants: A as (state, lane), D and delta_bias as lanes (zero-padded).
+// Per-task scratch: tiles of one chunk of an item, (block, step) vectors.
 template <typename T>
-void load_block_constants(const Problem<T>& p, int64_t c0, int64_t lanes, Scratch<T>& w) {
-  std::fill(w.A.begin(), w.A.end(), T(0));
-  std::fill(w.D.begin(), w.D.end(), T(0));
-  std::fill(w.bias.begin(), w.bias.end(), T(0));
-  for (int64_t l = 0; l < lanes; ++l) {
-    for (int64_t n = 0; n < p.states; ++n) w.A[n * kLanes + l] = p.A[(c0 + l) * p.states + n];
-    if (p.D) w.D[l] = p.D[c0 + l];
-    if (p.bias) w.bias[l] = p.bias[c0 + l];
-  }
-}
+struct Scratch {
+  using V = Vec<T>;
+  int64_t stride;                // steps per block in a tile
+  std::vector<V> u, dt, z, out;  // out: forward only
+  std::vector<T> Brows, Crows;   // (step, state)
+  std::vector<V> h;              // (block, state): the running state / adjoint
+  // Backward only: d delta' / d(delta + bias), sigmoid(z), output and input gradients.
+  std::vector<V> dsoftplus, sig, dout, dy, du, ddelta, dz;
+  std::vector<V> hist, decay;         // one block's recomputed chunk: (step, state)
+  std::vector<V> state, dA_chunk;     // (state), when the state count is a run-time value
 
-// Tiles of u, z and delta' for one chunk; raw_dt keeps delta + bias for softplus' gradient.
-template <typename T>
-void load_chunk_inputs(const Problem<T>& p, int64_t b, int64_t c0, int64_t lanes, int64_t first,
-                       int64_t steps, Scratch<T>& w) {
-  load_tile(p, p.u, b, c0, lanes, first, steps, w.u.data());
-  load_tile(p, p.delta, b, c0, lanes, first, steps, w.raw_dt.data());
-  if (p.z.data) load_tile(p, p.z, b, c0, lanes, first, steps, w.z.data());
-  for (int64_t s = 0; s < steps; ++s) {
-    T* raw = &w.raw_dt[s * kLanes];
-    T* dt = &w.dt[s * kLanes];
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) raw[l] += w.bias[l];
-    if (p.softplus) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) dt[l] = softplus(raw[l]);
+  Scratch(const Problem<T>& p, bool backward) : stride(p.tile_steps()) {
+    const size_t nb = p.max_group_blocks(), st = p.states, tile = nb * stride;
+    for (auto* v : {&u, &dt, &z}) v->resize(tile);
+    Brows.resize(stride * st);
+    Crows.resize(stride * st);
+    h.resize(nb * st);
+    if (backward) {
+      for (auto* v : {&dsoftplus, &sig, &dout, &dy, &du, &ddelta, &dz}) v->resize(tile);
+      hist.resize((stride + 1) * st);  // hist[0] = the entering state, hist[i + 1] after i
+      decay.resize(stride * st);
+      state.resize(st);
+      dA_chunk.resize(st);
     } else {
-      std::copy(raw, raw + kLanes, dt);
-    }
-    // Padding lanes get delta' = 0: decay 1, no input, their state stays zero.
-    std::fill(dt + lanes, dt + kLanes, T(0));
-  }
-  load_state_rows(p, p.B, b, first, steps, w.Brows.data());
-  load_state_rows(p, p.C, b, first, steps, w.Crows.data());
-}
-
-// One recurrence step for kLanes channels: h <- exp(dt*A) * h + dt*u*B; returns <C, h> in y.
-// kStates > 0 fixes the state count at compile time (full unrolling); 0 reads it at run time.
-template <typename T, int kStates, bool kKeepDecay>
-inline void step(const Problem<T>& p, const T* A, const T* dt, const T* u, const T* Brow,
-                 const T* Crow, T* h, T* y, T* decay_out) {
-  const int64_t states = kStates > 0 ? kStates : p.states;
-  alignas(64) T dtu[kLanes];
-#pragma omp simd
-  for (int64_t l = 0; l < kLanes; ++l) {
-    dtu[l] = dt[l] * u[l];
-    y[l] = T(0);
-  }
-  for (int64_t n = 0; n < states; ++n) {
-    const T bn = Brow[n], cn = Crow[n];
-    T* hn = h + n * kLanes;
-    const T* An = A + n * kLanes;
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const T decay = vec_exp(dt[l] * An[l]);
-      hn[l] = decay * hn[l] + dtu[l] * bn;
-      y[l] += hn[l] * cn;
-      if constexpr (kKeepDecay) decay_out[n * kLanes + l] = decay;
+      out.resize(tile);
     }
   }
-}
 
-// y <- (y + D*u) * silu(z), over a chunk tile.
-template <typename T>
-void skip_and_gate(const Problem<T>& p, int64_t steps, const Scratch<T>& w, const T* y, T* out) {
-  for (int64_t s = 0; s < steps; ++s) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const int64_t i = s * kLanes + l;
-      T v = y[i] + w.D[l] * w.u[i];
-      if (p.z.data) v *= w.z[i] * sigmoid(w.z[i]);
-      out[i] = v;
+  // Tiles of u, delta' (and, for the backward, softplus' derivative), z, B and C rows.
+  void load_chunk(const Problem<T>& p, const Constants<T>& consts, const Item& it, const Span& s,
+                  bool backward) {
+    load_tiles(p, p.u, it, s, stride, u.data());
+    load_tiles(p, p.delta, it, s, stride, dt.data());
+    if (p.z.data) load_tiles(p, p.z, it, s, stride, z.data());
+    for (int64_t j = 0; j < it.blocks; ++j) {
+      const V bias = consts.bias[it.first_block + j];
+      const V mask = consts.lane_mask[it.first_block + j];
+      for (int64_t i = 0; i < s.steps; ++i) {
+        V& d = dt[j * stride + i];
+        if (p.softplus)
+          d = Simd<T>::softplus(d + bias, backward ? &dsoftplus[j * stride + i] : nullptr);
+        else
+          d += bias;
+        d *= mask;  // padding lanes: delta' = 0, decay 1, their state stays 0
+      }
     }
+    load_state_rows(p, p.B, it.b, s, Brows.data());
+    load_state_rows(p, p.C, it.b, s, Crows.data());
   }
-}
+};
 
-// Split `items` into one contiguous range per thread and run fn(task, first, last) on each;
-// the task index lets the backward keep per-task partial sums and merge them in a fixed order.
-template <typename F>
-void for_each_task(int64_t items, int64_t tasks, const F& fn) {
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    FlushDenormalsInScope flush;
-    for (int64_t t = t0; t < t1; ++t) fn(t, t * items / tasks, (t + 1) * items / tasks);
-  });
-}
-
-int64_t task_count(int64_t items) {
-  return std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+// The recurrence of one block over a span: per step h <- exp2(dt*A2) * h + dt*u*B and
+// y = <C, h>. The forward and the backward's recomputation share it through two hooks:
+// on_state(i, n, h_n, decay_n) after each state update, on_step(i, y) after each step.
+// kStates > 0 fixes the state count at compile time: the state loop unrolls and the
+// states live in registers.
+template <typename T, int kStates, typename OnState, typename OnStep>
+inline void recurrence(const Vec<T>* A2, const Vec<T>* dt, const Vec<T>* u, const T* Brows,
+                       const T* Crows, int64_t states_at_run_time, int64_t steps, Vec<T>* state,
+                       const OnState& on_state, const OnStep& on_step) {
+  using V = Vec<T>;
+  const int64_t states = kStates > 0 ? kStates : states_at_run_time;
+  V local[kStates > 0 ? kStates : 1];
+  V* h = kStates > 0 ? local : state;
+  if constexpr (kStates > 0)
+    for (int64_t n = 0; n < kStates; ++n) h[n] = state[n];
+  for (int64_t i = 0; i < steps; ++i) {
+    const V dti = dt[i], dtu = dti * u[i];
+    const T* Bs = Brows + i * states;
+    const T* Cs = Crows + i * states;
+    V y[2] = {V{}, V{}};  // two partial sums halve the dependency chain
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < states; ++n) {
+      const V decay = Simd<T>::exp2(dti * A2[n]);
+      h[n] = decay * h[n] + dtu * Bs[n];
+      y[n & 1] += h[n] * Cs[n];
+      on_state(i, n, h[n], decay);
+    }
+    on_step(i, y[0] + y[1]);
+  }
+  if constexpr (kStates > 0)
+    for (int64_t n = 0; n < kStates; ++n) state[n] = h[n];
 }
 
 template <typename T, int kStates>
 void forward_kernel(const Problem<T>& p, const Strided<T>& out, T* last_state, T* chunk_states) {
-  const int64_t items = p.batch * p.blocks;
-  for_each_task(items, task_count(items), [&](int64_t, int64_t first_item, int64_t last_item) {
-    Scratch<T> w(p);
-    for (int64_t item = first_item; item < last_item; ++item) {
-      const int64_t b = item / p.blocks, c0 = (item % p.blocks) * kLanes;
-      const int64_t lanes = std::min(kLanes, p.dim - c0);
-      load_block_constants(p, c0, lanes, w);
-      std::fill(w.h.begin(), w.h.end(), T(0));
-      for (int64_t c = 0; c < p.chunks; ++c) {
-        // chunk_states: (batch, chunks, states, dim), the state entering chunk c.
-        T* saved = chunk_states + ((b * p.chunks + c) * p.states) * p.dim + c0;
-        for (int64_t n = 0; n < p.states; ++n)
-          for (int64_t l = 0; l < lanes; ++l) saved[n * p.dim + l] = w.h[n * kLanes + l];
-        const int64_t first = c * p.chunk, steps = std::max<int64_t>(0, p.chunk_steps(c));
-        load_chunk_inputs(p, b, c0, lanes, first, steps, w);
-        for (int64_t s = 0; s < steps; ++s)
-          step<T, kStates, false>(p, w.A.data(), &w.dt[s * kLanes], &w.u[s * kLanes],
-                                  &w.Brows[s * p.states], &w.Crows[s * p.states], w.h.data(),
-                                  &w.y[s * kLanes], nullptr);
-        skip_and_gate(p, steps, w, w.y.data(), w.out.data());
-        store_tile(p, out, b, c0, lanes, first, steps, w.out.data());
+  using V = Vec<T>;
+  const int64_t S = p.states;
+  const Constants<T> consts(p);
+  const bool gated = p.z.data != nullptr;
+  auto item = [&](Scratch<T>& w, int64_t index) {
+    const int64_t stride = w.stride;
+    const Item it(index, p.groups, p.blocks, p.dim);
+    std::fill(w.h.begin(), w.h.end(), V{});
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      const Span span{c * p.chunk, p.chunk_steps(c)};
+      w.load_chunk(p, consts, it, span, false);
+      Prefetcher prefetch;
+      if (c + 1 < p.chunks) {
+        const Span next{(c + 1) * p.chunk, p.chunk_steps(c + 1)};
+        for (const auto* t : {&p.u, &p.delta, &p.z}) prefetch.add(p, *t, it, next, false);
       }
-      for (int64_t l = 0; l < lanes; ++l)
-        for (int64_t n = 0; n < p.states; ++n)
-          last_state[(b * p.dim + c0 + l) * p.states + n] = w.h[n * kLanes + l];
+      prefetch.add(p, out, it, span, true);
+      prefetch.pace(it.blocks * span.steps);
+      // chunk_states: (batch, chunks, states, dim), the state entering chunk c.
+      T* saved = chunk_states + (it.b * p.chunks + c) * S * p.dim + it.c0;
+      for (int64_t j = 0; j < it.blocks; ++j) {
+        V* h = &w.h[j * S];
+        store_state(h, S, p.dim, it.lanes(j), saved + j * kLanes);
+        const V* u = &w.u[j * stride];
+        const V* z = &w.z[j * stride];
+        V* y_out = &w.out[j * stride];
+        const V D = consts.D[it.first_block + j];
+        recurrence<T, kStates>(
+            &consts.A2[(it.first_block + j) * S], &w.dt[j * stride], u, w.Brows.data(),
+            w.Crows.data(), S, span.steps, h, [](int64_t, int64_t, const V&, const V&) {},
+            [&](int64_t i, const V& y) {
+              prefetch.issue();
+              const V v = y + D * u[i];
+              y_out[i] = gated ? v * silu<T>(z[i]) : v;
+            });
+      }
+      store_tiles(p, out, it, span, stride, w.out.data());
     }
-  });
+    // last_state: (batch, states, dim), returned as a (batch, dim, states) view.
+    for (int64_t j = 0; j < it.blocks; ++j)
+      store_state(&w.h[j * S], S, p.dim, it.lanes(j),
+                  last_state + it.b * S * p.dim + it.c0 + j * kLanes);
+  };
+  for_each_item(p.items(), [&] { return Scratch<T>(p, false); }, item);
 }
 
 template <typename T>
 struct Gradients {
   Strided<T> du, ddelta, dz, dout;
-  const T* dlast = nullptr;  // (batch, dim, states) or null
-  double* dA = nullptr;      // (batch, dim, states) partial sums, reduced over batch later
-  double* dD = nullptr;      // (batch, dim)
-  double* dbias = nullptr;   // (batch, dim)
+  const T* dlast = nullptr;  // (batch, states, dim) or null
+  T* dB = nullptr;           // (batch, groups, length, states), zero on entry
+  T* dC = nullptr;
+  // Sums over each batch element's steps, per (batch, block): only the item owning the block
+  // adds to it. (batch, blocks, states, lanes) and (batch, blocks, lanes), zero on entry.
+  double* dA = nullptr;
+  double* dD = nullptr;
+  double* dbias = nullptr;
 };
 
+// Backward of block j of an item over one chunk, in two passes:
+// 1. recompute the chunk's states from the saved entering state, keeping every h_i and
+//    decay_i (and dL/dz, which needs y_i);
+// 2. the adjoint recurrence backwards in time; w.h[j] holds dL/dh at the end of the chunk
+//    on entry and at its start on return.
+// dB and dC (sums over channels) are added to rowB/rowC: (length, states).
 template <typename T, int kStates>
-void backward_kernel(const Problem<T>& p, const Gradients<T>& grad, const T* chunk_states,
-                     T* dB, T* dC) {
-  const int64_t items = p.batch * p.blocks, tasks = task_count(items);
-  const int64_t row = p.length * p.states;  // dB/dC: (batch, length, states)
-  // Channel blocks of one batch element all add into the same dB/dC rows: each task sums
-  // into its own buffer, merged below in task order (deterministic results).
-  std::vector<std::vector<T>> partial_dB(tasks), partial_dC(tasks);
-  std::vector<int64_t> first_batch(tasks);
-  for_each_task(items, tasks, [&](int64_t task, int64_t first_item, int64_t last_item) {
-    if (first_item >= last_item) return;
-    const int64_t b_first = first_item / p.blocks, b_last = (last_item - 1) / p.blocks;
-    first_batch[task] = b_first;
-    auto& pdB = partial_dB[task];
-    auto& pdC = partial_dC[task];
-    pdB.assign((b_last - b_first + 1) * row, T(0));
-    pdC.assign((b_last - b_first + 1) * row, T(0));
-    Scratch<T> w(p);
-    w.reserve_history(p);
-    const int64_t st = p.states * kLanes;
-    std::vector<T> dout(p.chunk * kLanes), du(p.chunk * kLanes), dtile(p.chunk * kLanes),
-        dz(p.chunk * kLanes), dA_chunk(st), dy(kLanes);
-    std::vector<double> dA_total(st), dD_total(kLanes), dbias_total(kLanes);
-    for (int64_t item = first_item; item < last_item; ++item) {
-      const int64_t b = item / p.blocks, c0 = (item % p.blocks) * kLanes;
-      const int64_t lanes = std::min(kLanes, p.dim - c0);
-      T* rowB = pdB.data() + (b - b_first) * row;
-      T* rowC = pdC.data() + (b - b_first) * row;
-      load_block_constants(p, c0, lanes, w);
-      std::fill(w.g.begin(), w.g.end(), T(0));
-      if (grad.dlast)
-        for (int64_t l = 0; l < lanes; ++l)
-          for (int64_t n = 0; n < p.states; ++n)
-            w.g[n * kLanes + l] = grad.dlast[(b * p.dim + c0 + l) * p.states + n];
-      std::fill(dA_total.begin(), dA_total.end(), 0.0);
-      std::fill(dD_total.begin(), dD_total.end(), 0.0);
-      std::fill(dbias_total.begin(), dbias_total.end(), 0.0);
-      for (int64_t c = p.chunks - 1; c >= 0; --c) {
-        const int64_t first = c * p.chunk, steps = std::max<int64_t>(0, p.chunk_steps(c));
-        load_chunk_inputs(p, b, c0, lanes, first, steps, w);
-        load_tile(p, grad.dout, b, c0, lanes, first, steps, dout.data());
-        // Recompute the chunk's states from the saved one, keeping h_s and exp(dt_s*A).
-        const T* saved = chunk_states + ((b * p.chunks + c) * p.states) * p.dim + c0;
-        std::fill(w.h0.begin(), w.h0.end(), T(0));
-        for (int64_t n = 0; n < p.states; ++n)
-          for (int64_t l = 0; l < lanes; ++l) w.h0[n * kLanes + l] = saved[n * p.dim + l];
-        std::copy(w.h0.begin(), w.h0.end(), w.h.begin());
-        for (int64_t s = 0; s < steps; ++s) {
-          step<T, kStates, true>(p, w.A.data(), &w.dt[s * kLanes], &w.u[s * kLanes],
-                           &w.Brows[s * p.states], &w.Crows[s * p.states], w.h.data(),
-                           &w.y[s * kLanes], &w.decay_hist[s * st]);
-          std::copy(w.h.begin(), w.h.end(), w.h_hist.begin() + s * st);
-        }
-        std::fill(dA_chunk.begin(), dA_chunk.end(), T(0));
-        T dD_chunk[kLanes] = {}, dbias_chunk[kLanes] = {};
-        for (int64_t s = steps - 1; s >= 0; --s) {
-          const T* u = &w.u[s * kLanes];
-          const T* dt = &w.dt[s * kLanes];
-          // Through the gate and the skip connection: dy = d(out)/dy * dout.
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const int64_t i = s * kLanes + l;
-            T dyl = dout[i];
-            if (p.z.data) {
-              const T zs = w.z[i], sg = sigmoid(zs);
-              const T y = w.y[i] + w.D[l] * u[l];
-              dz[i] = dout[i] * y * sg * (T(1) + zs * (T(1) - sg));
-              dyl = dout[i] * zs * sg;
-            }
-            dy[l] = dyl;
-            dD_chunk[l] += dyl * u[l];
-          }
-          const T* h_prev = s > 0 ? &w.h_hist[(s - 1) * st] : w.h0.data();
-          const T* h_now = &w.h_hist[s * st];
-          const T* decay = &w.decay_hist[s * st];
-          const T* Brow = &w.Brows[s * p.states];
-          const T* Crow = &w.Crows[s * p.states];
-          const int64_t t = p.time_at(first + s);
-          alignas(64) T d_dt[kLanes] = {}, g_dot_B[kLanes] = {};
-          alignas(64) T dtu[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) dtu[l] = dt[l] * u[l];
-          const int64_t states = kStates > 0 ? kStates : p.states;
-          for (int64_t n = 0; n < states; ++n) {
-            const T bn = Brow[n], cn = Crow[n];
-            T* gn = &w.g[n * kLanes];
-            T* dAn = &dA_chunk[n * kLanes];
-            const T* An = &w.A[n * kLanes];
-            const int64_t o = n * kLanes;
-            T sum_dB = 0, sum_dC = 0;
-#pragma omp simd reduction(+ : sum_dB, sum_dC)
-            for (int64_t l = 0; l < kLanes; ++l) {
-              // gn holds dL/dh_s from later steps; add the output's direct contribution.
-              const T gs = gn[l] + dy[l] * cn;
-              const T x = gs * h_prev[o + l] * decay[o + l];
-              d_dt[l] += x * An[l];
-              dAn[l] += x * dt[l];
-              g_dot_B[l] += gs * bn;
-              sum_dB += gs * dtu[l];
-              sum_dC += dy[l] * h_now[o + l];
-              gn[l] = gs * decay[o + l];  // dL/dh_{s-1} through this step's decay
-            }
-            rowB[t * p.states + n] += sum_dB;
-            rowC[t * p.states + n] += sum_dC;
-          }
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const int64_t i = s * kLanes + l;
-            du[i] = dy[l] * w.D[l] + g_dot_B[l] * dt[l];
-            T d_raw = d_dt[l] + g_dot_B[l] * u[l];
-            if (p.softplus) d_raw *= sigmoid(w.raw_dt[i]);
-            dtile[i] = d_raw;
-            dbias_chunk[l] += l < lanes ? d_raw : T(0);
-          }
-        }
-        for (int64_t i = 0; i < st; ++i) dA_total[i] += dA_chunk[i];
-        for (int64_t l = 0; l < kLanes; ++l) {
-          dD_total[l] += dD_chunk[l];
-          dbias_total[l] += dbias_chunk[l];
-        }
-        store_tile(p, grad.du, b, c0, lanes, first, steps, du.data());
-        store_tile(p, grad.ddelta, b, c0, lanes, first, steps, dtile.data());
-        if (p.z.data) store_tile(p, grad.dz, b, c0, lanes, first, steps, dz.data());
-      }
-      for (int64_t l = 0; l < lanes; ++l) {
-        const int64_t d = b * p.dim + c0 + l;
-        for (int64_t n = 0; n < p.states; ++n) grad.dA[d * p.states + n] = dA_total[n * kLanes + l];
-        grad.dD[d] = dD_total[l];
-        grad.dbias[d] = dbias_total[l];
-      }
-    }
-  });
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t count = static_cast<int64_t>(partial_dB[task].size());
-    T* outB = dB + first_batch[task] * row;
-    T* outC = dC + first_batch[task] * row;
-    for (int64_t i = 0; i < count; ++i) {
-      outB[i] += partial_dB[task][i];
-      outC[i] += partial_dC[task][i];
-    }
+void backward_block(const Problem<T>& p, const Constants<T>& consts, const Gradients<T>& grad,
+                    const Item& it, int64_t j, const Span& span, const T* saved, Scratch<T>& w,
+                    T* rowB, T* rowC, Prefetcher& prefetch) {
+  using V = Vec<T>;
+  const int64_t S = kStates > 0 ? kStates : p.states, stride = w.stride, steps = span.steps;
+  const bool gated = p.z.data != nullptr;
+  const V* A2 = &consts.A2[(it.first_block + j) * S];
+  const V* dt = &w.dt[j * stride];
+  const V* u = &w.u[j * stride];
+  const V* z = &w.z[j * stride];
+  const V* sig = &w.sig[j * stride];
+  const V* dout = &w.dout[j * stride];
+  const V* dy = &w.dy[j * stride];
+  const V D = consts.D[it.first_block + j];
+  V* hist = w.hist.data();
+  V* decay = w.decay.data();
+
+  load_state(saved, S, p.dim, it.lanes(j), hist);
+  V h[kStates > 0 ? kStates : 1];
+  V* state = kStates > 0 ? h : w.state.data();
+  for (int64_t n = 0; n < S; ++n) state[n] = hist[n];
+  V* dz = &w.dz[j * stride];
+  recurrence<T, kStates>(
+      A2, dt, u, w.Brows.data(), w.Crows.data(), S, steps, state,
+      [&](int64_t i, int64_t n, const V& hn, const V& dn) {
+        hist[(i + 1) * S + n] = hn;
+        decay[i * S + n] = dn;
+      },
+      [&](int64_t i, const V& y) {
+        prefetch.issue();
+        if (gated)  // d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+          dz[i] = dout[i] * (y + D * u[i]) * sig[i] * (T(1) + z[i] * (T(1) - sig[i]));
+      });
+
+  // Adjoint: g = dL/dh_i from the later steps, walking the chunk backwards.
+  V g_fixed[kStates > 0 ? kStates : 1], dA_fixed[kStates > 0 ? kStates : 1];
+  V* g = kStates > 0 ? g_fixed : &w.h[j * S];
+  V* dA = kStates > 0 ? dA_fixed : w.dA_chunk.data();
+  for (int64_t n = 0; n < S; ++n) {
+    if constexpr (kStates > 0) g[n] = w.h[j * S + n];
+    dA[n] = V{};
   }
+  V* du = &w.du[j * stride];
+  V* ddelta = &w.ddelta[j * stride];
+  const V* dsoftplus = &w.dsoftplus[j * stride];
+  V dD{}, dbias{};
+  for (int64_t i = steps - 1; i >= 0; --i) {
+    const V dti = dt[i], ui = u[i], dyi = dy[i], dtu = dti * ui;
+    const T* Bs = &w.Brows[i * S];
+    const T* Cs = &w.Crows[i * S];
+    const V* h_prev = &hist[i * S];
+    const V* h_now = &hist[(i + 1) * S];
+    const V* dec = &decay[i * S];
+    T* dB_row = rowB + p.time_at(span.first + i) * S;
+    T* dC_row = rowC + p.time_at(span.first + i) * S;
+    V d_dt[2] = {V{}, V{}}, g_dot_B[2] = {V{}, V{}};
+    LaneSums<V> sum_dB, sum_dC;  // dB_i, dC_i: sums over channels
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < S; ++n) {
+      const V gs = g[n] + dyi * Cs[n];  // plus the output's direct contribution
+      const V x = gs * h_prev[n] * dec[n];
+      d_dt[n & 1] += x * A2[n];
+      dA[n] += x * dti;
+      g_dot_B[n & 1] += gs * Bs[n];
+      if constexpr (kStates == kLanes) {
+        sum_dB.add(n, gs * dtu);
+        sum_dC.add(n, dyi * h_now[n]);
+      } else {
+        dB_row[n] += lane_sum<T>(gs * dtu);
+        dC_row[n] += lane_sum<T>(dyi * h_now[n]);
+      }
+      g[n] = gs * dec[n];  // dL/dh_{i-1} through this step's decay
+    }
+    if constexpr (kStates == kLanes) {
+      store(dB_row, load(dB_row) + sum_dB.sums());
+      store(dC_row, load(dC_row) + sum_dC.sums());
+    }
+    const V gB = g_dot_B[0] + g_dot_B[1];
+    du[i] = dyi * D + gB * dti;
+    V d_raw = (d_dt[0] + d_dt[1]) * T(kLn2) + gB * ui;  // A2 = A log2(e)
+    if (p.softplus) d_raw *= dsoftplus[i];
+    ddelta[i] = d_raw;
+    dbias += d_raw;
+    dD += dyi * ui;
+  }
+  const int64_t block = it.b * p.blocks + it.first_block + j;
+  double* dA_total = grad.dA + block * S * kLanes;
+  for (int64_t n = 0; n < S; ++n) {
+    if constexpr (kStates > 0) w.h[j * S + n] = g[n];
+    for (int64_t l = 0; l < kLanes; ++l) dA_total[n * kLanes + l] += dA[n][l];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    grad.dD[block * kLanes + l] += dD[l];
+    grad.dbias[block * kLanes + l] += dbias[l];
+  }
+}
+
+template <typename T, int kStates>
+void backward_kernel(const Problem<T>& p, const Gradients<T>& grad, const T* chunk_states) {
+  using V = Vec<T>;
+  const int64_t S = p.states;
+  const Constants<T> consts(p);
+  const int64_t row = p.length * S;  // one (length, states) slice of dB/dC
+  const bool gated = p.z.data != nullptr;
+  auto item = [&](Scratch<T>& w, int64_t index) {
+    const int64_t stride = w.stride;
+    const Item it(index, p.groups, p.blocks, p.dim);
+    // Each item owns its own (length, states) slice: no two threads add into one row.
+    T* rowB = grad.dB + index * row;
+    T* rowC = grad.dC + index * row;
+    for (int64_t j = 0; j < it.blocks; ++j) {
+      V* g = &w.h[j * S];
+      if (grad.dlast)
+        load_state(grad.dlast + it.b * S * p.dim + it.c0 + j * kLanes, S, p.dim, it.lanes(j), g);
+      else
+        std::fill(g, g + S, V{});
+    }
+    for (int64_t c = p.chunks - 1; c >= 0; --c) {
+      const Span span{c * p.chunk, p.chunk_steps(c)};
+      w.load_chunk(p, consts, it, span, true);
+      load_tiles(p, grad.dout, it, span, stride, w.dout.data());
+      for (int64_t j = 0; j < it.blocks; ++j)
+        for (int64_t i = 0; i < span.steps; ++i) {  // dL/dy, through the gate
+          const int64_t k = j * stride + i;
+          if (gated) w.sig[k] = Simd<T>::sigmoid(w.z[k]);
+          w.dy[k] = gated ? w.dout[k] * w.z[k] * w.sig[k] : w.dout[k];
+        }
+      Prefetcher prefetch;
+      if (c > 0) {
+        const Span next{(c - 1) * p.chunk, p.chunk_steps(c - 1)};
+        for (const auto* t : {&p.u, &p.delta, &p.z, &grad.dout})
+          prefetch.add(p, *t, it, next, false);
+      }
+      for (const auto* t : {&grad.du, &grad.ddelta, &grad.dz}) prefetch.add(p, *t, it, span, true);
+      prefetch.pace(it.blocks * span.steps);
+      const T* saved = chunk_states + (it.b * p.chunks + c) * S * p.dim + it.c0;
+      for (int64_t j = 0; j < it.blocks; ++j)
+        backward_block<T, kStates>(p, consts, grad, it, j, span, saved + j * kLanes, w, rowB,
+                                   rowC, prefetch);
+      store_tiles(p, grad.du, it, span, stride, w.du.data());
+      store_tiles(p, grad.ddelta, it, span, stride, w.ddelta.data());
+      if (gated) store_tiles(p, grad.dz, it, span, stride, w.dz.data());
+    }
+  };
+  for_each_item(p.items(), [&] { return Scratch<T>(p, true); }, item);
 }
 
 void check_inputs(const at::Tensor& u, std::initializer_list<at::Tensor> others) {
@@ -492,17 +622,22 @@ void check_inputs(const at::Tensor& u, std::initializer_list<at::Tensor> others)
                   "selective_scan: all inputs must share u's dtype and device");
 }
 
-at::Tensor or_undefined(const c10::optional<at::Tensor>& x) { return x.has_value() ? *x : at::Tensor(); }
-
-// Instantiate the fixed-state-count fast path for the usual d_state = 16.
-template <typename T, typename F16, typename FAny>
-void with_states(int64_t states, const F16& f16, const FAny& fany) {
-  if (states == 16) f16(); else fany();
+at::Tensor or_undefined(const c10::optional<at::Tensor>& x) {
+  return x.has_value() ? *x : at::Tensor();
 }
 
-std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                     const at::Tensor& B, const at::Tensor& C,
-                                     const c10::optional<at::Tensor>& D_opt,
+// Instantiate the fixed-state-count fast path for the usual d_state = 16.
+template <typename F16, typename FAny>
+void with_states(int64_t states, const F16& f16, const FAny& fany) {
+  if (states == kLanes)
+    f16();
+  else
+    fany();
+}
+
+std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta,
+                                     const at::Tensor& A, const at::Tensor& B,
+                                     const at::Tensor& C, const c10::optional<at::Tensor>& D_opt,
                                      const c10::optional<at::Tensor>& z_opt,
                                      const c10::optional<at::Tensor>& bias_opt, bool softplus,
                                      bool reverse, int64_t chunk) {
@@ -512,24 +647,26 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                   (!bias.defined() || bias.is_contiguous()),
               "selective_scan: A, D and delta_bias must be contiguous");
   at::Tensor out = at::empty_like(u);
-  at::Tensor last_state = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
+  at::Tensor last_state = at::empty({u.size(0), A.size(1), u.size(1)}, u.options());
   const int64_t chunks = std::max<int64_t>(1, (u.size(2) + chunk - 1) / chunk);
   at::Tensor chunk_states = at::empty({u.size(0), chunks, A.size(1), u.size(1)}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
     const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk);
     const Strided<scalar_t> out_view(out);
-    with_states<scalar_t>(
-        p.states,
-        [&] { forward_kernel<scalar_t, 16>(p, out_view, last_state.data_ptr<scalar_t>(), chunk_states.data_ptr<scalar_t>()); },
-        [&] { forward_kernel<scalar_t, 0>(p, out_view, last_state.data_ptr<scalar_t>(), chunk_states.data_ptr<scalar_t>()); });
+    scalar_t* last = last_state.data_ptr<scalar_t>();
+    scalar_t* saved = chunk_states.data_ptr<scalar_t>();
+    with_states(
+        p.states, [&] { forward_kernel<scalar_t, kLanes>(p, out_view, last, saved); },
+        [&] { forward_kernel<scalar_t, 0>(p, out_view, last, saved); });
   });
-  return {out, last_state, chunk_states};
+  return {out, last_state.transpose(1, 2), chunk_states};
 }
 
-std::vector<at::Tensor> scan_backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_opt,
-                                      const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                      const at::Tensor& B, const at::Tensor& C,
-                                      const c10::optional<at::Tensor>& D_opt,
+std::vector<at::Tensor> scan_backward(const at::Tensor& dout,
+                                      const c10::optional<at::Tensor>& dlast_opt,
+                                      const at::Tensor& u, const at::Tensor& delta,
+                                      const at::Tensor& A, const at::Tensor& B,
+                                      const at::Tensor& C, const c10::optional<at::Tensor>& D_opt,
                                       const c10::optional<at::Tensor>& z_opt,
                                       const c10::optional<at::Tensor>& bias_opt,
                                       const at::Tensor& chunk_states, bool softplus, bool reverse,
@@ -537,16 +674,18 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& dout, const c10::optiona
   const at::Tensor D = or_undefined(D_opt), z = or_undefined(z_opt), bias = or_undefined(bias_opt);
   at::Tensor dlast = or_undefined(dlast_opt);
   check_inputs(u, {dout, delta, A, B, C, D, z, bias, chunk_states});
-  if (dlast.defined()) dlast = dlast.to(u.scalar_type()).contiguous();
+  if (dlast.defined()) dlast = dlast.to(u.scalar_type()).transpose(1, 2).contiguous();
   const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2), states = A.size(1);
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
   at::Tensor dz = z.defined() ? at::empty_like(z) : at::Tensor();
-  // dB/dC are summed over channels in (length, states) rows; returned as (batch, states, length) views.
-  at::Tensor dB = at::zeros({batch, length, states}, u.options());
-  at::Tensor dC = at::zeros({batch, length, states}, u.options());
+  // dB/dC are sums over channels, one (length, states) slice per work item, added up over
+  // the channel groups below and returned as (batch, states, length) views.
+  const int64_t blocks = (dim + kLanes - 1) / kLanes, groups = channel_groups(batch, blocks);
+  at::Tensor dB = at::zeros({batch, groups, length, states}, u.options());
+  at::Tensor dC = at::zeros({batch, groups, length, states}, u.options());
   const auto f64 = u.options().dtype(at::kDouble);
-  at::Tensor dA = at::empty({batch, dim, states}, f64);
-  at::Tensor dD = at::empty({batch, dim}, f64), dbias = at::empty({batch, dim}, f64);
+  at::Tensor dA = at::zeros({batch, blocks, states, kLanes}, f64);
+  at::Tensor dD = at::zeros({batch, blocks, kLanes}, f64), dbias = at::zeros_like(dD);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
     const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk);
     Gradients<scalar_t> g;
@@ -555,31 +694,36 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& dout, const c10::optiona
     g.dz = Strided<scalar_t>(dz);
     g.dout = Strided<scalar_t>(dout);
     g.dlast = dlast.defined() ? dlast.data_ptr<scalar_t>() : nullptr;
+    g.dB = dB.data_ptr<scalar_t>();
+    g.dC = dC.data_ptr<scalar_t>();
     g.dA = dA.data_ptr<double>();
     g.dD = dD.data_ptr<double>();
     g.dbias = dbias.data_ptr<double>();
     const scalar_t* saved = chunk_states.data_ptr<scalar_t>();
-    scalar_t* pB = dB.data_ptr<scalar_t>();
-    scalar_t* pC = dC.data_ptr<scalar_t>();
-    with_states<scalar_t>(
-        p.states, [&] { backward_kernel<scalar_t, 16>(p, g, saved, pB, pC); },
-        [&] { backward_kernel<scalar_t, 0>(p, g, saved, pB, pC); });
+    with_states(
+        p.states, [&] { backward_kernel<scalar_t, kLanes>(p, g, saved); },
+        [&] { backward_kernel<scalar_t, 0>(p, g, saved); });
   });
+  // Per-channel sums: add the batch elements in order, (block, lane) -> channel.
   const auto dtype = u.scalar_type();
+  auto per_channel = [&](const at::Tensor& sums) {
+    return sums.sum(0).reshape({blocks * kLanes}).narrow(0, 0, dim).to(dtype);
+  };
   return {du,
           ddelta,
-          dA.sum(0).to(dtype),
-          dB.transpose(1, 2),
-          dC.transpose(1, 2),
-          D.defined() ? dD.sum(0).to(dtype) : at::Tensor(),
+          dA.sum(0).transpose(1, 2).reshape({blocks * kLanes, states}).narrow(0, 0, dim).to(dtype),
+          (groups == 1 ? dB.select(1, 0) : dB.sum(1)).transpose(1, 2),
+          (groups == 1 ? dC.select(1, 0) : dC.sum(1)).transpose(1, 2),
+          D.defined() ? per_channel(dD) : at::Tensor(),
           dz,
-          bias.defined() ? dbias.sum(0).to(dtype) : at::Tensor()};
+          bias.defined() ? per_channel(dbias) : at::Tensor()};
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ssamba selective scan: CPU forward and backward";
-  m.def("forward", &scan_forward, "out, last_state, chunk_states");
-  m.def("backward", &scan_backward, "du, ddelta, dA, dB, dC, dD, dz, ddelta_bias");
+void bind_selective_scan(pybind11::module_& m) {
+  m.def("scan_forward", &scan_forward, "out, last_state, chunk_states");
+  m.def("scan_backward", &scan_backward, "du, ddelta, dA, dB, dC, dD, dz, ddelta_bias");
 }
+
+}  // namespace ssamba
