@@ -6,11 +6,17 @@ seed, so an epoch is simply `steps_per_epoch` batches on every rank (no rank run
 never waits), and validation is a finite, ordered pass over a held-out shard set for the
 masked-patch accuracy.
 
+Resuming: checkpoints store the step the stream had reached (`state_dict`), and a resumed
+run draws its stream from a seed derived from that step. Restarting with the original
+seed would replay the clips of the run's first steps after every interruption (a job
+preempted every few hours would train on the same first hours of data again and again).
+
 Batches: `{"fbank": (batch, target_length, num_mel_bins) float32, "id": list[str]}`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
@@ -25,7 +31,7 @@ from ssamba.data.loader import (
     rank_batches,
 )
 from ssamba.data.shards import Shard, SkipCounter, catalogue, list_shards
-from ssamba.data.streams import Clip, ClipBatches, MixedShardStream
+from ssamba.data.streams import Clip, ClipBatches, MixedShardStream, derive_seed
 from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
 from ssamba.features import FbankConfig
 
@@ -93,7 +99,8 @@ class PretrainDataModule(L.LightningDataModule):
             val: held-out shard set for validation (masked-patch accuracy); read in order,
                 every clip once over all ranks. None: no validation.
             val_max_clips: keep only the first N validation clips (a fixed, cheap subset).
-            batch_size: clips per batch on each rank.
+            batch_size: clips per batch on each rank (validation batches shrink when
+                there are too few clips to give every rank one).
             steps_per_epoch: batches per epoch on every rank (SSAST's `epoch_iter`: 4000).
             num_workers: DataLoader worker processes per rank (decode + fbank run there).
             shuffle_buffer: compressed clips each worker holds to shuffle (~170 kB each
@@ -128,51 +135,79 @@ class PretrainDataModule(L.LightningDataModule):
         )
         self.train_counter = SkipCounter(num_workers)
         self.val_counter = SkipCounter(num_workers)
+        self._place: tuple[int, int] | None = None  # (rank, world size)
+        self._resume_step = 0
         self._train: StreamLoader | None = None
         self._val: FiniteLoader | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Build this rank's loaders (rank and world size from the trainer when attached)."""
-        if self._train is not None:
+        """Find this rank (from the trainer when attached) and build its validation loader.
+
+        The training stream is built on first use instead: a resumed run restores
+        `load_state_dict` after `setup`, and the stream's seed depends on it.
+        """
+        if self._place is not None:
             return
         hp = self.hparams
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         else:
             rank, world = distributed_rank_world()
-        stream = MixedShardStream(
-            self.source_shards,
-            self.weights,
-            FbankBatch(self.fbank, "random", train=True),
-            hp.batch_size,
-            hp.shuffle_buffer,
-            rank,
-            world,
-            hp.seed,
-            self.train_counter,
-        )
-        self._train = StreamLoader(make_loader(stream, hp.num_workers), hp.steps_per_epoch)
+        self._place = (rank, world)
         if self.val_shards is not None:
             clips = catalogue(self.val_shards, self.val_counter)[: hp.val_max_clips]
-            if not clips:
-                raise ValueError(f"val: no readable clips in {hp.val['shards']}")
+            if len(clips) < world:
+                raise ValueError(
+                    f"val: {len(clips)} readable clips in {hp.val['shards']} for {world} "
+                    "processes; every process needs at least one (raise val_max_clips)"
+                )
+            # Lightning refuses a rank without validation batches: make smaller ones then.
+            batch_size = min(hp.batch_size, math.ceil(len(clips) / world))
             batches = ClipBatches(
                 clips,
                 FbankBatch(self.fbank, "start", train=False),
-                hp.batch_size,
+                batch_size,
                 rank,
                 world,
                 train=False,
                 seed=hp.seed,
                 counter=self.val_counter,
             )
-            length = rank_batches(len(clips), hp.batch_size, rank, world, drop_last=False)
+            length = rank_batches(len(clips), batch_size, rank, world, drop_last=False)
             self._val = FiniteLoader(make_loader(batches, hp.num_workers), length)
+
+    def stream_seed(self) -> int:
+        """`seed` for a fresh run; a seed derived from the resumed step after a resume."""
+        seed = self.hparams.seed
+        return derive_seed(seed, self._resume_step) if self._resume_step else seed
 
     def train_dataloader(self) -> StreamLoader:
         self.setup("fit")
-        assert self._train is not None
+        assert self._place is not None
+        if self._train is None:
+            hp = self.hparams
+            rank, world = self._place
+            stream = MixedShardStream(
+                self.source_shards,
+                self.weights,
+                FbankBatch(self.fbank, "random", train=True),
+                hp.batch_size,
+                hp.shuffle_buffer,
+                rank,
+                world,
+                self.stream_seed(),
+                self.train_counter,
+            )
+            self._train = StreamLoader(make_loader(stream, hp.num_workers), hp.steps_per_epoch)
         return self._train
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the optimizer step the training stream has reached."""
+        return {"stream_step": self.trainer.global_step if self.trainer is not None else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume (before the stream is built): continue with fresh clips from that step."""
+        self._resume_step = int(state_dict.get("stream_step", 0))
 
     def val_dataloader(self) -> FiniteLoader | list:
         self.setup("fit")

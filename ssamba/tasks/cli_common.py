@@ -5,29 +5,46 @@ LightningModule, their DataModule and the Trainer method they call, so each is
 `run_cli(TaskClass, DataClass, argv, ...)`. Shared behaviour lives here:
 
 - recipes are YAML read with `parser_mode="omegaconf"` (so `${model.n_masked}` style
-  interpolation works) and compose pieces: a top-level `defaults: [../model/ssamba_tiny.yaml,
+  interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
   ../data/asli.yaml]` (paths relative to the recipe) applies those files first, in order,
   then the recipe's own keys on top, key by key, like repeated `--config` options;
+- a setting typed `dict | YamlPiece` (e.g. `model.encoder: ../model/ssamba_tiny.yaml`) is
+  read into a dict while the recipe is parsed, so `--model.encoder.depth 2` edits the
+  piece instead of replacing it, and the saved config.yaml holds the merged values;
 - `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder *in that
-  same folder*, so TensorBoard curves and checkpoints continue rather than fork;
-- a bad recipe fails before any training step with one line naming the key or path
-  (unknown keys are rejected by jsonargparse; values the classes reject raise
-  `ValueError` / `FileNotFoundError` from their constructors).
+  same folder*, so TensorBoard curves and checkpoints continue rather than fork; with no
+  checkpoint yet it starts from scratch (as Lightning's own "last"), so a launcher that
+  restarts a job can always pass it;
+- with `run_cli`, a bad recipe fails before any training step with one line naming the
+  key or path and exit code 2 (unknown keys and mistyped values are rejected by
+  jsonargparse; values the classes reject raise `ValueError` / `FileNotFoundError` from
+  their constructors).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
+from argparse import ArgumentError
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse.typing import Path_fr, register_type
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["SsambaCLI", "expand_defaults", "find_last_checkpoint", "read_yaml_piece", "run_cli"]
+__all__ = [
+    "SsambaCLI",
+    "YamlPiece",
+    "expand_defaults",
+    "find_last_checkpoint",
+    "read_yaml_piece",
+    "run_cli",
+]
 
 LAST = "last"
 DEFAULTS_KEY = "defaults"
@@ -49,6 +66,30 @@ def read_yaml_piece(piece: dict[str, Any] | str | os.PathLike) -> dict[str, Any]
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
     return loaded
+
+
+class YamlPiece(str):
+    """Type of a setting given as the path of a YAML piece, read into a dict when parsed.
+
+    Annotate a parameter `dict[str, Any] | YamlPiece`: a path in a recipe is resolved
+    against the recipe's folder and replaced by the file's mapping at parse time, so later
+    dotted options (`--model.encoder.depth 2`) update that mapping key by key. Typed
+    `dict | Path_fr` instead, jsonargparse keeps the path and a dotted option replaces it
+    with a dict holding only the new key.
+    """
+
+
+def _read_piece_at_parse_time(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    try:
+        path = Path_fr(os.fspath(value))  # relative to the recipe being parsed
+    except TypeError as error:
+        raise ValueError(f"{value}: recipe piece not found ({error})") from error
+    return read_yaml_piece(path)
+
+
+register_type(YamlPiece, serializer=str, deserializer=_read_piece_at_parse_time)
 
 
 def recipe_pieces(recipe: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
@@ -112,8 +153,14 @@ class SsambaCLI(LightningCLI):
         prog: str,
         description: str,
         links: Iterable[tuple[str, str]] = (),
+        exit_on_error: bool = True,
     ) -> None:
+        """`exit_on_error=False` raises `argparse.ArgumentError` for a bad recipe instead of
+        printing the whole usage and exiting (`run_cli` turns it into one line)."""
         self._links = list(links)
+        # "Seed set to 0" on stderr before every run (and before any recipe error): the
+        # seed is in the saved config.yaml already.
+        logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
         super().__init__(
             model_class,
             datamodule_class,
@@ -121,13 +168,22 @@ class SsambaCLI(LightningCLI):
             run=False,
             auto_configure_optimizers=False,  # tasks own their optimiser and schedule
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
-            parser_kwargs={"parser_mode": "omegaconf", "prog": prog, "description": description},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": prog,
+                "description": description,
+                "exit_on_error": exit_on_error,
+            },
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if isinstance(args, list | tuple):
             args = expand_defaults(args)
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # `args` is sys.argv with the recipe pieces expanded, on purpose; Lightning
+            # warns whenever both are present.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
         # Pieces are applied by now; drop the list so the saved config.yaml stands alone.
         self.config[DEFAULTS_KEY] = None
 
@@ -147,7 +203,8 @@ class SsambaCLI(LightningCLI):
             default=None,
             help=(
                 "Resume training: 'last' continues the newest last.ckpt under the logger's "
-                "run folder (same version folder, so logs continue), or give a .ckpt path."
+                "run folder (same version folder, so logs continue; from scratch when there "
+                "is none yet), or give a .ckpt path."
             ),
         )
         for source, target in self._links:
@@ -169,9 +226,13 @@ class SsambaCLI(LightningCLI):
         run_root = Path(str(init.save_dir)) / str(init.get("name") or "lightning_logs")
         last = find_last_checkpoint(run_root)
         if last is None:
-            raise FileNotFoundError(
-                f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root}"
+            print(
+                f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root} yet; "
+                "starting from scratch",
+                file=sys.stderr,
             )
+            self.config.ckpt_path = None
+            return
         init.version = last.parent.parent.name
         self.config.ckpt_path = str(last)
 
@@ -188,20 +249,37 @@ def run_cli(
 ) -> int:
     """Parse a recipe, build task + data + trainer, call `trainer.<trainer_fn>`; exit code.
 
-    Errors raised while building (before any step runs) become one `prog: error:` line
-    and exit code 2, like argparse; errors during training keep their traceback.
+    Errors raised while parsing and building (before any step runs) become one
+    `prog: error:` line and exit code 2, like argparse; errors during training keep their
+    traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli = SsambaCLI(
-            model_class, datamodule_class, argv, prog=prog, description=description, links=links
+            model_class,
+            datamodule_class,
+            argv,
+            prog=prog,
+            description=description,
+            links=links,
+            exit_on_error=False,
         )
-    except SystemExit as exit_:  # --help, --print_config and parse errors
+    except SystemExit as exit_:  # --help and --print_config
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    except (ValueError, FileNotFoundError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except (ArgumentError, ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     getattr(cli.trainer, trainer_fn)(
         cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path")
     )
     return 0
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line parser message on one line (jsonargparse lists the reasons a
+    value failed each type of a union on lines of their own)."""
+    text = ""
+    for line in (line.strip(" -") for line in message.splitlines()):
+        if line:
+            text += (" " if not text or text.endswith(":") else "; ") + line
+    return text.strip()

@@ -34,14 +34,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from ssamba.models.checkpoints import save_encoder
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.tasks.cli_common import read_yaml_piece
+from ssamba.tasks.cli_common import YamlPiece, read_yaml_piece
 from ssamba.tasks.masking import make_mask
 
 __all__ = [
@@ -55,6 +54,8 @@ __all__ = [
 
 # The originals validate with 400 of 512 masked patches whatever they train with.
 VAL_MASK_FRACTION = 400 / 512
+# Clip-weighted sums a validation epoch accumulates (the last is the clip count).
+VAL_SUMS = ("loss", "nce", "mse", "acc", "clips")
 # Parameters that weight decay would only pull towards zero for no benefit: position and
 # special tokens, the SSM's log-decay rates and skip gains.
 NO_DECAY_NAMES = {
@@ -165,7 +166,7 @@ class PretrainTask(LightningModule):
 
     def __init__(
         self,
-        encoder: dict[str, Any] | Path_fr,
+        encoder: dict[str, Any] | YamlPiece,
         input_frames: int | None = None,
         n_masked: int = 400,
         n_masked_val: int | None = None,
@@ -189,7 +190,8 @@ class PretrainTask(LightningModule):
         """
         Args:
             encoder: encoder spec `{family, size, **EncoderConfig overrides}`, inline or a
-                YAML piece such as `recipes/model/ssamba_tiny.yaml`.
+                YAML piece such as `recipes/model/ssamba_tiny.yaml`; on the command line
+                `--model.encoder.depth 2` overrides one field of the recipe's piece.
             input_frames: frames per clip; recipes link it to the data's crop length.
             n_masked: patches masked per clip in training (400 of 512 in the originals).
             n_masked_val: patches masked in validation; default 400/512 of the patches.
@@ -216,7 +218,7 @@ class PretrainTask(LightningModule):
         self.cpredlayer = self._head(dim, self.encoder.patch_dim)
         self.gpredlayer = self._head(dim, self.encoder.patch_dim)
         self.plateau = PlateauScale(plateau_factor, plateau_patience)
-        self._val_correct = torch.zeros(2)  # (correct, total) over the validation epoch
+        self._val_sums = torch.zeros(len(VAL_SUMS))  # summed over the validation epoch
 
     @staticmethod
     def _head(dim: int, patch_dim: int) -> nn.Sequential:
@@ -284,28 +286,37 @@ class PretrainTask(LightningModule):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_correct = torch.zeros(2, device=self.device)
+        self._val_sums = torch.zeros(len(VAL_SUMS), device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         fbank = batch["fbank"]
         # The same masks at every evaluation, so accuracies are comparable across steps.
         out = self.mspm(fbank, self.hparams.n_masked_val, self._generator(1, batch_idx))
-        size = fbank.shape[0]
-        self.log("val/loss", out.loss, sync_dist=True, batch_size=size)
-        self.log("val/nce", out.nce, sync_dist=True, batch_size=size)
-        self.log("val/mse", out.mse, sync_dist=True, batch_size=size)
-        count = size * self.hparams.n_masked_val
-        self._val_correct += torch.stack(
-            [out.accuracy.detach() * count, out.accuracy.new_tensor(count)]
+        clips = fbank.shape[0]
+        self._val_sums += torch.stack(
+            [
+                out.loss.detach() * clips,
+                out.nce.detach() * clips,
+                out.mse.detach() * clips,
+                out.accuracy.detach() * clips,
+                out.loss.new_tensor(clips),
+            ]
         )
 
     def on_validation_epoch_end(self) -> None:
-        correct, total = self.trainer.strategy.reduce(self._val_correct, reduce_op="sum")
-        accuracy = (correct / total.clamp(min=1)).item()
-        self.log("val/acc", accuracy, prog_bar=True)
+        # One all-reduce for every metric: ranks may hold different numbers of validation
+        # batches, so nothing may synchronise per batch.
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        means = dict(zip(VAL_SUMS, (sums / sums[-1].clamp(min=1)).tolist(), strict=True))
+        # Every rank holds the same values now; sync_dist only averages equal numbers (and
+        # keeps Lightning from warning that epoch-level logs should be synchronised).
+        for name in ("loss", "nce", "mse"):
+            self.log(f"val/{name}", means[name], sync_dist=True)
+        # Every clip has n_masked_val predictions, so the clip mean is the masked accuracy.
+        self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
         # Like the originals, the plateau schedule reacts to each evaluation after warm-up.
         if not self.trainer.sanity_checking and self.global_step >= self.hparams.warmup_steps:
-            self.plateau.step(accuracy)
+            self.plateau.step(means["acc"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         decay, plain = [], []
@@ -342,9 +353,10 @@ class PretrainTask(LightningModule):
 
     def on_fit_end(self) -> None:
         """Export the encoder next to the logs: what fine-tuning and embedding read."""
+        # Every rank must ask: trainer.log_dir is broadcast from rank 0.
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         path = folder / "encoder.pt"
         save_encoder(self.encoder, path, extra={"pretrain_step": self.global_step})
         print(f"exported encoder: {path}")

@@ -4,18 +4,27 @@
     ssamba pretrain --config recipes/pretrain/asli_base.yaml --trainer.max_steps 100000
     ssamba pretrain --config recipes/pretrain/asli_base.yaml --ckpt_path last   # resume
     ssamba pretrain --config recipes/pretrain/asli_tiny.yaml --print_config
+    ssamba pretrain --config recipes/pretrain/fsdd_tiny_cpu.yaml \
+        --model.encoder.depth 4 --model.encoder.embed_dim 96       # edit the encoder piece
 
 A recipe has three sections: `model:` (PretrainTask: encoder piece from recipes/model/,
 masking, loss weights, optimiser and schedule), `data:` (PretrainDataModule: shard
 folders, mixing weights, batch size, crop length; the model's input length follows
 `data.target_length`) and `trainer:` (Lightning Trainer: steps, precision, devices,
 logger, checkpoints). Any key can be overridden on the command line, e.g.
-`--model.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`.
+`--model.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`; a bad key or
+value stops the run before any step with one line naming it (exit code 2).
 
-Checkpoints go to `<logger folder>/checkpoints/` (last.ckpt and the best by val/acc);
-`--ckpt_path last` resumes the newest last.ckpt in the same folder: step count,
-optimiser, learning-rate schedule and masks continue where they stopped. At the end
-the encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune`.
+Checkpoints go to `<logger folder>/checkpoints/`: last.ckpt at every validation and the
+best by val/acc. `--ckpt_path last` resumes the newest last.ckpt in the same folder
+(step count, optimiser, learning-rate schedule and plateau state; the data stream goes
+on with fresh clips), or starts from scratch when there is none yet. At the end the
+encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune`.
+
+Several processes: Lightning DDP (`--trainer.strategy ddp --trainer.devices N
+[--trainer.num_nodes M]`), or the launchers in recipes/launch/ (torchrun.sh,
+slurm.sbatch). `--trainer.callbacks+=ssamba.tasks.callbacks.BatchLog` records which
+clips each rank trained on at each step.
 """
 
 from __future__ import annotations

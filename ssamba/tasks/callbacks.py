@@ -1,0 +1,80 @@
+"""Lightning callbacks the recipes can switch on (`trainer.callbacks` in YAML).
+
+`BatchLog` records which clips every rank trained on at every step, with the rank's own
+loss on them. It answers questions the averaged TensorBoard curves cannot: which clips sat
+in the batch behind a loss spike, what a weighted data mix really fed each rank, and
+whether DDP ranks step together on different data. Switch it on from the command line:
+
+    ssamba pretrain --config recipe.yaml --trainer.callbacks+=ssamba.tasks.callbacks.BatchLog
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+__all__ = ["BatchLog"]
+
+
+class BatchLog(Callback):
+    """One JSON line per training batch and rank: `<folder>/rank<global rank>.jsonl`.
+
+    Each line is `{"step", "batch", "epoch", "rank", "world", "ids", "loss"}`: `step` is the
+    optimizer step the batch contributes to (0-based, as `trainer.global_step` before the
+    update), `ids` the batch's clip ids in order, `loss` this rank's loss on them (before
+    DDP averages gradients). Files are appended to, so a resumed run continues them.
+    """
+
+    def __init__(self, folder: str | None = None) -> None:
+        """
+        Args:
+            folder: where the files go; default `<trainer.log_dir>/batches`.
+        """
+        self.folder = folder
+        self._file: IO[str] | None = None
+        self._step = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # trainer.log_dir is broadcast from rank 0: every rank must ask.
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(self.folder) if self.folder else root / "batches"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = (folder / f"rank{trainer.global_rank}.jsonl").open("a")
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._file is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        record = {
+            "step": self._step,
+            "batch": batch_idx,
+            "epoch": trainer.current_epoch,
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "ids": list(batch["id"]),
+            "loss": None if loss is None else float(loss),
+        }
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
