@@ -35,3 +35,18 @@ def sample_wav() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} missing: run `make assets` (or `make test`, which does)")
     return path
+
+
+@pytest.fixture(scope="session")
+def fsdd_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All of FSDD (3,000 clips: train 2,700, test 300, 6 speakers) sharded by the real
+    `ssamba shard` pipeline once per session, for the end-to-end fine-tuning and
+    pretraining tests."""
+    from data_prep.__main__ import main as data_prep_main
+
+    out = tmp_path_factory.mktemp("fsdd_all_shards")
+    code = data_prep_main(
+        ["shard", "--corpus", "fsdd", "--src", str(fsdd_dir), "--out", str(out), "--workers", "2"]
+    )
+    assert code == 0, "sharding FSDD failed"
+    return out

@@ -4,8 +4,12 @@ Which clip goes where is decided from each clip's json before training starts:
 - official splits: `test_filter: {split: test}`, `val_filter: {split: valid}`;
 - cross-validation (ESC-50): `fold: 1` tests on fold 1, validates on `val_fold` ("next"
   fold, "test" like SSAST's ESC-50 recipe, a fold number, or none), trains on the rest;
-- any predicate on the json, e.g. leave-one-speaker-out: `test_filter: {speaker: theo}`.
+- any predicate on the json, e.g. leave-one-speaker-out: `test_filter: {speaker: theo}`;
+- corpora without a validation split (FSDD): `val_fraction: 0.1` holds out a fixed tenth
+  of the training clips, chosen by a hash of the clip id (same on every rank and run).
 Training takes every clip that is neither test nor validation unless `train_filter` says.
+A clip is never in both the validation and the test set unless the recipe asks for it
+(`val_fold: test`, SSAST's ESC-50 protocol): the epoch kept is chosen on validation data.
 
 Training reshuffles every epoch, applies mixup (on waveforms, Beta(alpha, alpha), labels
 mixed too), SpecAugment and noise as the originals; evaluation is finite, in order,
@@ -18,6 +22,7 @@ Batches: `{"fbank": (B, T, F), "target": (B, num_classes) float32, "label": (B,)
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +130,7 @@ class LabelledDataModule(L.LightningDataModule):
         val_fold: int | Literal["next", "test"] | None = "next",
         test_filter: dict[str, Any] | None = None,
         val_filter: dict[str, Any] | None = None,
+        val_fraction: float = 0.0,
         train_filter: dict[str, Any] | None = None,
         multi_label: bool | None = None,
         target_length: int = 1024,
@@ -152,8 +158,13 @@ class LabelledDataModule(L.LightningDataModule):
                 `{split: [test]}`. None: `{split: test}`.
             val_filter: json predicate of the validation set, e.g. `{split: valid}`.
                 None: no validation (unless `fold` and `val_fold` give one).
-            train_filter: json predicate of the training set. None: every clip in neither
-                the test nor the validation set.
+            val_fraction: hold out this share of the training clips as the validation
+                set (a hash of the clip id picks them: fixed across runs and ranks), for
+                corpora without a validation split; 0 = off. Excludes `val_filter` and
+                `val_fold`.
+            train_filter: json predicate of the training set (test and validation clips
+                are never trained on). None: every clip in neither the test nor the
+                validation set.
             multi_label: multi-hot targets with label -1 (AudioSet) or one-hot with a
                 label index. None: multi-label if any clip has more than one label.
             target_length: frames per example (ESC-50 512, Speech Commands 128,
@@ -180,6 +191,14 @@ class LabelledDataModule(L.LightningDataModule):
             )
         if not 0.0 <= mixup <= 1.0:
             raise ValueError(f"mixup: a probability in [0, 1], got {mixup}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction: a share in [0, 1), got {val_fraction}")
+        if val_fraction and (val_filter is not None or (fold is not None and val_fold)):
+            raise ValueError(
+                "val_fraction: give one validation set: val_fraction, val_filter or "
+                f"val_fold (got val_fraction {val_fraction}, val_filter {val_filter}, "
+                f"val_fold {val_fold if fold is not None else None})"
+            )
         self.shard_list = list_shards(shards)
         labels_csv = Path(shards) / LABELS_NAME
         if not labels_csv.is_file():
@@ -218,23 +237,42 @@ class LabelledDataModule(L.LightningDataModule):
         return [name for _, name in self.classes]
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan the shards, assign clips to subsets and check labels; then build loaders.
+        """Split the clips into subsets (once), then build the loaders `stage` needs."""
+        self.split_clips(stage)
+        for subset in self._stage_subsets(stage):
+            if subset not in self._loaders:
+                self._loaders[subset] = self._loader(subset)
 
-        Everything that can be wrong with the data of a stage fails here, before it runs.
+    def split_clips(self, stage: str | None = None) -> dict[str, int]:
+        """Scan the shards, check labels and assign clips to subsets; clips per subset.
+
+        Everything that can be wrong with the data of a stage (labels outside labels.csv,
+        a missing fold, an empty or test-overlapping subset) fails here, before any step
+        runs; `ssamba finetune` calls it before training. The scan runs once.
         """
         if self.subsets is None:
             clips = catalogue(self.shard_list, self.counters["scan"])
             if self.multi_label is None:
                 self.multi_label = any(len(c.meta.get("labels", [])) > 1 for c in clips)
             self._check_labels(clips)
-            self.subsets, self.predicates = self._assign(clips)
             self._values = {
                 field: sorted({str(c.meta[field]) for c in clips if field in c.meta})[:20]
                 for field in ("split", "fold", "speaker")
             }
-        for subset in STAGE_SUBSETS.get(stage or "", ("train", "val", "test")):
-            if subset not in self._loaders and self.predicates.get(subset) is not None:
-                self._loaders[subset] = self._loader(subset)
+            self.subsets, self.predicates = self._assign(clips)
+        for subset in self._stage_subsets(stage):
+            if not self.subsets[subset]:
+                values = "; ".join(f"{f}: {v}" for f, v in self._values.items() if v)
+                raise ValueError(
+                    f"{self.hparams.shards}: the {subset} set ({self.predicates[subset]}) "
+                    f"matches no clip; values present: {values}"
+                )
+        return {name: len(clips) for name, clips in self.subsets.items()}
+
+    def _stage_subsets(self, stage: str | None) -> list[Subset]:
+        """The configured subsets a stage reads (all of them for None)."""
+        wanted = STAGE_SUBSETS.get(stage or "", ("train", "val", "test"))
+        return [s for s in wanted if self.predicates.get(s) is not None]
 
     def train_dataloader(self) -> FiniteLoader:
         return self._get("train")
@@ -266,12 +304,6 @@ class LabelledDataModule(L.LightningDataModule):
         else:
             rank, world = distributed_rank_world()
         clips, train = self.subsets[subset], subset == "train"
-        if not clips:
-            values = "; ".join(f"{f}: {v}" for f, v in self._values.items() if v)
-            raise ValueError(
-                f"{hp.shards}: the {subset} set ({self.predicates[subset]}) matches no clip; "
-                f"values present: {values}"
-            )
         length = rank_batches(len(clips), hp.batch_size, rank, world, drop_last=train)
         if length == 0:
             raise ValueError(
@@ -314,24 +346,31 @@ class LabelledDataModule(L.LightningDataModule):
         """(clips per subset, predicate per subset); a None predicate = subset not configured."""
         hp = self.hparams
         test, val = self._eval_predicates(clips)
-        held_out = [p for p in (test, val) if p is not None]
+        test_clips = [c for c in clips if test is not None and matches(c.meta, test)]
+        in_test = {id(c) for c in test_clips}
+        pool = [
+            c
+            for c in clips
+            if id(c) not in in_test
+            and (hp.train_filter is None or matches(c.meta, hp.train_filter))
+        ]
+        if hp.val_fraction:
+            val = f"{hp.val_fraction:.0%} of the training clips, held out by clip-id hash"
+            val_clips = [c for c in pool if _hash_share(c) < hp.val_fraction]
+        else:
+            val_clips = [c for c in clips if val is not None and matches(c.meta, val)]
+            if val != test:
+                _check_disjoint(val_clips, in_test, val, test)
+        in_val = {id(c) for c in val_clips}
         predicates = {
             "test": test,
             "val": val,
             "train": hp.train_filter if hp.train_filter is not None else "not val or test",
         }
         subsets = {
-            "test": [c for c in clips if test is not None and matches(c.meta, test)],
-            "val": [c for c in clips if val is not None and matches(c.meta, val)],
-            "train": [
-                c
-                for c in clips
-                if (
-                    matches(c.meta, hp.train_filter)
-                    if hp.train_filter is not None
-                    else not any(matches(c.meta, p) for p in held_out)
-                )
-            ],
+            "test": test_clips,
+            "val": val_clips,
+            "train": [c for c in pool if id(c) not in in_val],
         }
         return subsets, predicates
 
@@ -359,3 +398,24 @@ class LabelledDataModule(L.LightningDataModule):
         if hp.val_fold == "next":
             return test, {"fold": folds[(folds.index(hp.fold) + 1) % len(folds)]}
         return test, {"fold": hp.val_fold}
+
+
+def _clip_id(clip: ClipRef) -> str:
+    return str(clip.meta.get("id", clip.key))
+
+
+def _hash_share(clip: ClipRef) -> float:
+    """A fixed number in [0, 1) per clip id: the same split on every rank, run and machine."""
+    digest = hashlib.blake2b(_clip_id(clip).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _check_disjoint(val_clips: list[ClipRef], in_test: set[int], val: Any, test: Any) -> None:
+    """Refuse validation clips that are also test clips: the kept epoch would see the test set."""
+    shared = [_clip_id(c) for c in val_clips if id(c) in in_test]
+    if shared:
+        raise ValueError(
+            f"the val set ({val}) and the test set ({test}) share {len(shared)} clips "
+            f"(e.g. {shared[:3]}): choosing the epoch on them would tune on test data; "
+            "narrow val_filter, or use val_fraction"
+        )

@@ -309,7 +309,8 @@ class ClassifyTask(LightningModule):
             if requested is None:
                 raise ValueError(
                     "model.encoder: required with random init (model.init null), "
-                    "e.g. {family: ssamba, size: tiny}"
+                    "e.g. {family: ssamba, size: tiny}; to fine-tune a pretrained encoder, "
+                    "set model.init to its file (encoder.pt, .ckpt or official .pth)"
                 )
             encoder, heads = AudioEncoder(requested), {}
         else:
@@ -380,7 +381,9 @@ class ClassifyTask(LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         fbank, target = self._checked_batch(batch)
         loss = self.loss(self(fbank), target)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(target)
+        )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return loss
 

@@ -12,10 +12,12 @@ checkpoint, config hash) to `--out` (default: next to the checkpoint).
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from ssamba.tasks.cli_common import one_line
 from ssamba.tasks.finetune_cli import ClassifyCLI, config_hash, task_name, write_results
 
 PROG = "ssamba evaluate"
@@ -63,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli = EvaluateCLI(argv)
-    except SystemExit as exit_:  # --help and parse errors
+    except SystemExit as exit_:  # --help and --print_config
         return exit_.code if isinstance(exit_.code, int) else 2
-    except (ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    except (ArgumentError, ValueError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     config, model, ckpt = cli.config, cli.model, cli.config.ckpt
     if model.head_source is None:

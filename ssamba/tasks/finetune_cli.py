@@ -8,13 +8,16 @@
 A recipe is a LightningCLI YAML (`model:` = ClassifyTask, `data:` = LabelledDataModule,
 `trainer:`), plus `cross_validation:` for k-fold tasks: which config key selects the test
 fold and the folds that exist. `--folds all` (or a comma list) runs one fit per fold,
-each in `<trainer.default_root_dir>/fold-<name>`.
+logged under `<logger name>/fold-<name>/`. Every fold's settings and data split are
+checked before the first one trains; a bad recipe, override, checkpoint or label stops
+the run with one `ssamba finetune: error:` line and exit code 2.
 
 Each fold keeps the epoch that is best on its *validation* data, then tests that
 checkpoint once (the AudioSet-20K recipe tests its epoch-averaged weights instead).
 The originals picked ESC-50's epoch on the fold-averaged *test* accuracy, which
 overstates the result; we do not. `<trainer.default_root_dir>/results.json` then holds
-the task, metric, per-fold test values, mean, std (ddof=1) and the checkpoints tested.
+the task, metric, per-fold test values, mean, std (ddof=1), how the checkpoint was
+selected, the checkpoints tested, the clips per subset and the config hash.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import json
 import statistics
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ssamba.data.labelled import LabelledDataModule
 from ssamba.tasks.classify import ClassifyTask, EpochWeightAveraging
-from ssamba.tasks.cli_common import SsambaCLI
+from ssamba.tasks.cli_common import SsambaCLI, one_line
 
 PROG = "ssamba finetune"
 FOLDS_ALL = "all"
@@ -61,6 +65,7 @@ class ClassifyCLI(SsambaCLI):
             prog=prog,
             description=description,
             links=[("data.target_length", "model.input_frames")],
+            exit_on_error=False,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -117,10 +122,14 @@ def write_results(results: dict[str, Any], directory: Path) -> Path:
     return path
 
 
+class RecipeError(ValueError):
+    """A recipe, override or data problem found before training; one line says which."""
+
+
 def select_folds(requested: str, cross_validation: dict[str, Any] | None) -> dict[str, Any]:
     """fold name -> value of the fold key, for `all` or a comma list of names."""
     if not cross_validation:
-        raise ValueError(
+        raise RecipeError(
             "--folds: this recipe has no cross_validation section (no folds to run); "
             "drop --folds for a single train/valid/test run"
         )
@@ -131,56 +140,108 @@ def select_folds(requested: str, cross_validation: dict[str, Any] | None) -> dic
     names = [name.strip() for name in requested.split(",") if name.strip()]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(
+        raise RecipeError(
             f"--folds: {unknown or requested!r} not among the recipe's folds {list(known)}"
         )
     return {name: known[name] for name in names}
 
 
+def build(argv: list[str]) -> tuple[ClassifyCLI, dict[str, int]]:
+    """Model, data and trainer of one run, with the data split checked before any step.
+
+    Construction errors (a checkpoint of the wrong family or size, a missing file) and
+    data errors (a label outside labels.csv, an unknown fold, an empty or
+    test-overlapping subset) become a `RecipeError` naming the key, file or clip.
+    Returns the CLI and the clips per subset.
+    """
+    try:
+        cli = ClassifyCLI(argv)
+        counts = cli.datamodule.split_clips()  # every subset the run will read
+    except (ArgumentError, ValueError, FileNotFoundError) as error:
+        raise RecipeError(one_line(str(error))) from error
+    print("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
+    return cli, counts
+
+
 def run_one(argv: list[str]) -> dict[str, Any]:
     """Fit one configuration, then test its selected checkpoint; returns the record."""
-    cli = ClassifyCLI(argv)
-    model, trainer = cli.model, cli.trainer
-    trainer.fit(model, datamodule=cli.datamodule)
+    cli, counts = build(argv)
+    model, trainer, data = cli.model, cli.trainer, cli.datamodule
+    trainer.fit(model, datamodule=data)
     averaging = [cb for cb in trainer.callbacks if isinstance(cb, EpochWeightAveraging)]
+    validation = data.predicates["val"]
     if averaging:
         window = f"{averaging[0].first_epoch}-{averaging[0].last_epoch}"
         ckpt, selection = averaging[0].averaged_path, f"average of epochs {window}"
+    elif validation is None:
+        ckpt, selection = trainer.checkpoint_callback.last_model_path, "last epoch (no val set)"
     else:
         ckpt = trainer.checkpoint_callback.best_model_path
-        selection = f"best val/{model.hparams.metric} epoch"
+        where = "the test set (as SSAST)" if validation == data.predicates["test"] else validation
+        selection = f"best val/{model.hparams.metric} epoch, val = {where}"
     if not ckpt:
         raise RuntimeError("no checkpoint was saved: did validation run (check trainer limits)?")
     metric = f"test/{model.hparams.metric}"
-    scores = trainer.test(model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)[0]
+    scores = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)[0]
     return {
         "value": float(scores[metric]),
         "metrics": {k: float(v) for k, v in scores.items()},
         "checkpoint": str(Path(ckpt).resolve()),
         "selection": selection,
+        "clips": counts,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a recipe (each requested fold); exit code 2 with one line for a bad recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    base = ClassifyCLI(argv, parse_only=True)
+    try:
+        base = ClassifyCLI(argv, parse_only=True)
+        return _run(base, argv)
+    except SystemExit as exit_:  # --help and --print_config
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except (ArgumentError, RecipeError) as error:
+        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+
+
+def fold_runs(config: Namespace, argv: list[str], root: Path) -> dict[str, list[str]]:
+    """fold name -> argv of its run; `{"-": argv}` when `--folds` is not given."""
+    folds_arg = config["folds"]
+    if folds_arg is None:
+        return {"-": argv}
+    cross_validation = config["cross_validation"]
+    selected = select_folds(folds_arg, cross_validation)
+    key = cross_validation["key"]
+    return {
+        fold: [
+            *argv,
+            f"--{key}={value if isinstance(value, str) else json.dumps(value)}",
+            f"--trainer.default_root_dir={root / f'fold-{fold}'}",
+            *fold_logger_args(config, fold),
+        ]
+        for fold, value in selected.items()
+    }
+
+
+def fold_logger_args(config: Namespace, fold: str) -> list[str]:
+    """Log each fold under `<logger name>/fold-<fold>/version_*`, not as anonymous versions."""
+    logger = config["trainer"].get("logger")
+    init = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init is None:
+        return []
+    return [f"--trainer.logger.init_args.name={init.get('name') or 'lightning_logs'}/fold-{fold}"]
+
+
+def _run(base: ClassifyCLI, argv: list[str]) -> int:
     config = base.config
     root = Path(config["trainer"]["default_root_dir"] or ".")
     name = task_name(config)
     folds_arg = config["folds"]
-    if folds_arg is None:
-        runs = {"-": argv}
-    else:
-        cross_validation = config["cross_validation"]
-        key = cross_validation["key"]
-        runs = {
-            fold: [
-                *argv,
-                f"--{key}={value if isinstance(value, str) else json.dumps(value)}",
-                f"--trainer.default_root_dir={root / f'fold-{fold}'}",
-            ]
-            for fold, value in select_folds(folds_arg, cross_validation).items()
-        }
+    runs = fold_runs(config, argv, root)
+    if len(runs) > 1:  # a fold whose data or settings are wrong fails before fold 1 trains
+        for fold_argv in runs.values():
+            build(fold_argv)
     records = {}
     for fold, fold_argv in runs.items():
         if fold != "-":
@@ -192,13 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "task": name,
         "metric": metric,
         "split": "test",
-        "selection": next(iter(records.values()))["selection"] + " (validation data only)",
+        "selection": next(iter(records.values()))["selection"],
         "folds": {f: r["value"] for f, r in records.items()} if folds_arg else None,
         "value": values[0] if len(values) == 1 else None,
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "checkpoint": {f: r["checkpoint"] for f, r in records.items()},
         "metrics": {f: r["metrics"] for f, r in records.items()},
+        "clips": {f: r["clips"] for f, r in records.items()},
         "init": config["model"]["init"],
         "mode": config["model"]["mode"],
         "config_hash": config_hash(base),
