@@ -24,8 +24,8 @@ Clips that fail to decode or validate are listed with their reason in rejects.js
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         return args.run(args)
     except (FileNotFoundError, ValueError) as err:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def shard_main(argv: list[str] | None = None) -> int:
     """`ssamba shard ...`: the `shard` subcommand without its name."""
-    return main(["shard", *(sys.argv[1:] if argv is None else argv)])
+    return main(["shard", *(sys.argv[1:] if argv is None else argv)], prog="ssamba")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -68,9 +68,9 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=prog,
         description="Prepare audio corpora and write WebDataset shards (16 kHz flac + json).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,

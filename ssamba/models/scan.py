@@ -25,6 +25,7 @@ environment variable `SSAMBA_SCAN=ref|chunked|cpp|auto` forces one implementatio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -130,38 +131,39 @@ def _flip_time(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.flip(-1)
 
 
-def _run_reversed(
-    impl: Callable[..., ScanResult],
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    return_last_state: bool,
-) -> ScanResult:
-    """The reverse scan as flip(scan(flip(inputs))): the definition `reverse=True` must match."""
-    result = impl(
-        u.flip(-1),
-        delta.flip(-1),
-        A,
-        B.flip(-1),
-        C.flip(-1),
-        D,
-        _flip_time(z),
-        delta_bias,
-        delta_softplus,
-        return_last_state,
-    )
-    if return_last_state:
-        return result[0].flip(-1), result[1]
-    return result.flip(-1)
+def forward_only(impl: Callable[..., ScanResult]) -> Callable[..., ScanResult]:
+    """Complete an implementation that only scans forward to the full contract: validate
+    the inputs, and run `reverse=True` as flip(scan(flip(inputs))), the definition every
+    native reverse mode (the C++ kernel's) must match."""
+
+    @functools.wraps(impl)
+    def scan(
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None = None,
+        z: Tensor | None = None,
+        delta_bias: Tensor | None = None,
+        delta_softplus: bool = False,
+        return_last_state: bool = False,
+        reverse: bool = False,
+    ) -> ScanResult:
+        _validate(u, delta, A, B, C, D, z, delta_bias)
+        if not reverse:
+            return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        flipped = (u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, _flip_time(z))
+        result = impl(*flipped, delta_bias, delta_softplus, return_last_state)
+        if return_last_state:
+            return result[0].flip(-1), result[1]
+        return result.flip(-1)
+
+    return scan
 
 
 # --------------------------------------------------------------------------- reference loop
+@forward_only
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -173,28 +175,12 @@ def selective_scan_ref(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    reverse: bool = False,
 ) -> ScanResult:
     """The recurrence written step by step: the oracle every other implementation must match.
 
     Autograd differentiates it (including through `last_state`); time and memory are
     O(length) Python steps, so keep it to tests and short sequences.
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias)
-    if reverse:
-        return _run_reversed(
-            selective_scan_ref,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            delta_softplus,
-            return_last_state,
-        )
     out_dtype = u.dtype
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C, D, z, delta_bias = (
@@ -253,6 +239,7 @@ def _chunked_states(
     return (y_local + carried).reshape(batch, dim, length), state
 
 
+@forward_only
 def selective_scan_chunked(
     u: Tensor,
     delta: Tensor,
@@ -264,28 +251,12 @@ def selective_scan_chunked(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    reverse: bool = False,
 ) -> ScanResult:
     """Pure-PyTorch scan, vectorised over chunks, checkpointed per SEGMENT steps.
 
     Runs on any device; on CPU one to two orders of magnitude slower and hungrier than the
     C++ kernel (`python -m ssamba.bench scan`).
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias)
-    if reverse:
-        return _run_reversed(
-            selective_scan_chunked,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            delta_softplus,
-            return_last_state,
-        )
     out_dtype, length = u.dtype, u.shape[-1]
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C, D, z, delta_bias = (
@@ -444,6 +415,7 @@ def mamba_ssm_available() -> bool:
     return importlib.util.find_spec("mamba_ssm") is not None
 
 
+@forward_only
 def selective_scan_cuda(
     u: Tensor,
     delta: Tensor,
@@ -455,26 +427,10 @@ def selective_scan_cuda(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    reverse: bool = False,
 ) -> ScanResult:
-    """mamba-ssm's fused CUDA kernel; it has no reverse mode, so reverse goes via flips."""
-    _validate(u, delta, A, B, C, D, z, delta_bias)
+    """mamba-ssm's fused CUDA kernel; it has no reverse mode (`forward_only` adds it)."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
 
-    if reverse:
-        return _run_reversed(
-            selective_scan_cuda,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            delta_softplus,
-            return_last_state,
-        )
     return mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -493,7 +449,7 @@ def _warn_fallback_once(reason: str) -> None:
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn(
-            f"selective scan: {reason}; using the pure-PyTorch chunked scan (~30x slower)",
+            f"selective scan: {reason}; using the pure-PyTorch chunked scan (~50x slower)",
             RuntimeWarning,
             stacklevel=4,
         )
