@@ -1,6 +1,7 @@
 """Corpus preparation: one module per corpus writes a manifest, one writer makes shards.
 
     prepare_<corpus>(src_dir, out_dir) -> out_dir/manifest.jsonl (+ labels.csv)
+        (`manifest` takes a user's own CSV / JSONL clip list as src, see clip_list.py)
     shard.write_shards(manifest, out_dir, ...) -> WebDataset tars per split,
         index.json, rejects.jsonl, stats.json
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.audioset import prepare_audioset
+from data_prep.clip_list import prepare_manifest
 from data_prep.esc50 import prepare_esc50
 from data_prep.folder import prepare_folder, prepare_unlabelled
 from data_prep.fsdd import prepare_fsdd
@@ -43,6 +45,7 @@ CORPORA: dict[str, Callable[[Path, Path], Path]] = {
     "fsdd": prepare_fsdd,
     "folder": prepare_folder,
     "unlabelled": prepare_unlabelled,
+    "manifest": prepare_manifest,  # a user's own CSV / JSONL list of clips
 }
 
 

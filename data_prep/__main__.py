@@ -2,7 +2,7 @@
 
 prepare  corpus folder -> manifest.jsonl (+ labels.csv); no audio is decoded
 shard    prepare, then write WebDataset shards, rejects.jsonl, index.json, stats.json
-stats    recompute the fbank mean/std of a shard folder into its stats.json
+stats    recompute the fbank (or MFCC) mean/std of a shard folder into its stats.json
 """
 
 from __future__ import annotations
@@ -17,19 +17,24 @@ from data_prep.manifest import iter_split_counts, read_manifest
 EXAMPLES = """examples:
   python -m data_prep prepare --corpus esc50 --src /data/ESC-50-master --out work/esc50
   python -m data_prep shard --corpus fsdd --src ../shared/data/fsdd --out work/shards/fsdd --workers 2
+  python -m data_prep shard --corpus manifest --src my_data/clips.csv --out work/shards/mine
   python -m data_prep stats --shards work/shards/fsdd
 
-Re-running `shard` with the same arguments skips every finished shard (resume).
-Clips that fail to decode or validate are listed with their reason in rejects.jsonl.
+Re-running `shard` with the same arguments skips every finished shard whose tar is
+still whole (resume); a missing or damaged tar is rewritten.
+Inputs that fail to decode or validate are listed with their reason in rejects.jsonl.
 """
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
+    """Run a command; a mistake in the input is one line `<command>: <what>` and exit 2."""
     args = _parser(prog).parse_args(argv)
+    name = "ssamba" if prog == "ssamba" else "data_prep"
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"data_prep {args.command}: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{name} {args.command}: {message}", file=sys.stderr)
         return 2
 
 
@@ -41,8 +46,10 @@ def shard_main(argv: list[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     manifest = prepare(args.corpus, args.src, args.out)
     records = read_manifest(manifest)
-    splits = ", ".join(f"{name} {n}" for name, n in iter_split_counts(records))
-    print(f"{args.corpus}: {len(records)} clips [{splits}] -> {manifest}")
+    clips = [r for r in records if "reject" not in r]
+    splits = ", ".join(f"{name} {n}" for name, n in iter_split_counts(clips))
+    others = f"; {len(records) - len(clips)} other files" if len(clips) < len(records) else ""
+    print(f"{args.corpus}: {len(clips)} clips [{splits}]{others} -> {manifest}")
     return 0
 
 
@@ -64,7 +71,13 @@ def _shard(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from data_prep.stats import compute_stats
 
-    compute_stats(args.shards, workers=args.workers, max_clips=args.max_clips)
+    compute_stats(
+        args.shards,
+        workers=args.workers,
+        max_clips=args.max_clips,
+        kind=args.kind,
+        num_ceps=args.num_ceps,
+    )
     return 0
 
 
@@ -124,6 +137,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     stats.add_argument(
         "--max-clips", type=int, default=None, help="measure about this many clips (default: all)"
     )
+    stats.add_argument(
+        "--kind",
+        choices=["fbank", "mfcc"],
+        default="fbank",
+        help="which features (mfcc: adds mfcc_* entries, keeps the fbank ones)",
+    )
+    stats.add_argument("--num-ceps", type=int, default=40, help="MFCC coefficients (mfcc only)")
     stats.set_defaults(run=_stats)
     return parser
 
@@ -132,7 +152,12 @@ def _corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus", required=True, choices=list(CORPORA), metavar="NAME", help="corpus recipe"
     )
-    parser.add_argument("--src", type=Path, required=True, help="corpus folder as distributed")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        required=True,
+        help="corpus folder as distributed (for `manifest`: a .csv or .jsonl list of clips)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 

@@ -3,20 +3,22 @@
 Output folder:
 
     <split>-000000.tar ...   samples `<key>.flac` (16 kHz mono PCM16) + `<key>.json`
-                             {"id", "labels", "duration", "source", "split",
-                              "sample_rate", "fold"?, "speaker"?}
     index.json               per split: shard file names, clip counts, hours
     rejects.jsonl            {"id", "path", "split", "reason"} per clip that failed
     stats.json               clip count, hours, per-split counts, fbank mean/std
     manifest.jsonl, labels.csv, plan.json, <shard>.done.json (per-shard summaries)
 
-The sample format itself (flac + json, keys) lives in `samples.py`.
+The format itself (members, keys, json fields, file names) is defined once, in
+`ssamba/data/shard_format.py`, which the readers use too.
 
 Every manifest record ends in exactly one shard or in rejects.jsonl; the writer checks
 that sum before it reports. Clips are assigned to shards before any decoding (ordered
 by a hash of their id within each split, cut by count and/or estimated size), so a re-run
-rebuilds the same plan and skips every shard whose `.done.json` exists: a shard is written to
-`.tar.tmp` and renamed only when complete, and its summary is written after that.
+rebuilds the same plan and skips every finished shard: a shard is written to `.tar.tmp`
+and renamed only when complete, then its summary `.done.json` (with the tar's size and
+member count) is written. On a re-run a shard counts as finished only when its summary
+exists and its tar still has that size and that many members (headers only, cheap at any
+corpus size); a missing, truncated or altered tar is rewritten, and the run says so.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,26 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.manifest import LABELS_NAME, MANIFEST_NAME, read_manifest
+from data_prep.manifest import read_manifest
 from data_prep.parallel import map_unordered
-from data_prep.samples import SAMPLE_RATE, encode_flac, sample_key, sample_meta
-from data_prep.stats import FbankMoments, clip_moments, write_stats
+from data_prep.stats import FbankMoments, clip_moments, summarise_stats
 from ssamba.audio import AudioError, load_audio
+from ssamba.data.shard_format import (
+    AUDIO_MEMBER,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    META_MEMBER,
+    REJECTS_NAME,
+    SAMPLE_RATE,
+    check_split_name,
+    encode_audio,
+    reject_entry,
+    sample_key,
+    sample_meta,
+    shard_file_name,
+    write_index,
+)
+from ssamba.data.shards import ShardError, count_members
 
 # Size estimate used to cut shards by bytes before encoding: PCM16 upper bound.
 BYTES_PER_SECOND = SAMPLE_RATE * 2
@@ -52,8 +68,12 @@ class ShardTask:
     for_stats: tuple[bool, ...]
 
     @property
+    def file(self) -> str:
+        return shard_file_name(self.split, self.index)
+
+    @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:06d}"
+        return self.file.removesuffix(".tar")
 
 
 def plan_shards(
@@ -77,7 +97,7 @@ def plan_shards(
     limit = shard_mb * 1e6 if shard_mb else math.inf
     tasks, position = [], 0
     for split in sorted(by_split):
-        _check_split_name(split)
+        check_split_name(split)
         chunk: list[dict] = []
         size = 0.0
         index = 0
@@ -126,7 +146,7 @@ def write_shards(
     }
     _check_plan(out_dir / "plan.json", plan)
     tasks = plan_shards(records, shard_size, shard_mb, stats_clips)
-    todo = [t for t in tasks if not _summary_path(out_dir, t.name).exists()]
+    todo = [t for t in tasks if not _finished(t, out_dir)]
     done_clips = len(records) - sum(len(t.records) for t in todo)
     if done_clips:
         print(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
@@ -144,25 +164,27 @@ def _write_shard_job(job: tuple[ShardTask, Path]) -> dict:
 def write_shard(task: ShardTask, out_dir: Path) -> dict:
     """Decode, validate and store the clips of one shard; returns its summary."""
     out_dir = Path(out_dir)
-    final = out_dir / f"{task.name}.tar"
-    tmp = out_dir / f"{task.name}.tar.tmp"
-    rejects, moments, keys = [], FbankMoments(), set()
+    final = out_dir / task.file
+    tmp = out_dir / f"{task.file}.tmp"
+    rejects, moments = [], FbankMoments()
     seconds, clips = 0.0, 0
     with wds.TarWriter(str(tmp)) as sink:
         for record, measure in zip(task.records, task.for_stats, strict=True):
+            if "reject" in record:  # the recipe knows it is no clip (`notes.txt`)
+                rejects.append(reject_entry(record, f"{record['path']}: {record['reject']}"))
+                continue
             try:
                 wave, _ = load_audio(record["path"], SAMPLE_RATE, name=record["path"])
             except AudioError as err:
-                rejects.append(_reject(record, str(err)))
+                rejects.append(reject_entry(record, str(err)))
                 continue
-            key = sample_key(record["id"])
-            if key in keys:  # ids differing only in characters a tar key cannot hold
-                rejects.append(_reject(record, f"shard key {key!r} already used in {task.name}"))
-                continue
-            keys.add(key)
             duration = wave.numel() / SAMPLE_RATE
             sink.write(
-                {"__key__": key, "flac": encode_flac(wave), "json": sample_meta(record, duration)}
+                {
+                    "__key__": sample_key(record["id"]),
+                    AUDIO_MEMBER: encode_audio(wave),
+                    META_MEMBER: sample_meta(record, duration),
+                }
             )
             if measure:
                 moments.add(clip_moments(wave, SAMPLE_RATE))
@@ -176,6 +198,9 @@ def write_shard(task: ShardTask, out_dir: Path) -> dict:
         "name": task.name,
         "split": task.split,
         "file": final.name if clips else None,
+        # what a re-run checks before trusting the tar
+        "bytes": final.stat().st_size if clips else 0,
+        "members": 2 * clips,
         "clips": clips,
         "seconds": seconds,
         "rejects": rejects,
@@ -192,7 +217,8 @@ def _finalise(tasks: list[ShardTask], out_dir: Path, expected: int) -> dict:
     summaries = [json.loads(_summary_path(out_dir, t.name).read_text()) for t in tasks]
     splits: dict[str, dict] = {}
     moments = FbankMoments()
-    with (out_dir / "rejects.jsonl").open("w") as f:
+    rejects_path = out_dir / REJECTS_NAME
+    with rejects_path.open("w") as f:
         for summary in summaries:
             split = splits.setdefault(summary["split"], {"shards": [], "clips": 0, "hours": 0.0})
             if summary["file"]:
@@ -208,13 +234,14 @@ def _finalise(tasks: list[ShardTask], out_dir: Path, expected: int) -> dict:
         raise RuntimeError(
             f"{out_dir}: {clips} clips + {rejects} rejects != {expected} in manifest"
         )
-    index = {"sample_rate": SAMPLE_RATE, "clips": clips, "splits": splits}
-    (out_dir / "index.json").write_text(json.dumps(index, indent=1))
-    stats = write_stats(out_dir, index, moments, rejects)
+    if not clips:
+        raise ValueError(f"all {rejects} clips were rejected; reasons in {rejects_path}")
+    index = write_index(out_dir, splits)
+    stats = summarise_stats(out_dir, index, moments, rejects)
     per_split = ", ".join(f"{name} {s['clips']}" for name, s in splits.items())
     print(
         f"{clips} clips ({stats['hours']:.2f} h) in {sum(len(s['shards']) for s in splits.values())} "
-        f"shards [{per_split}]; {rejects} rejected (see {out_dir / 'rejects.jsonl'})"
+        f"shards [{per_split}]; {rejects} rejected (see {rejects_path})"
     )
     return stats
 
@@ -224,15 +251,42 @@ def _task(split: str, index: int, chunk: list[dict], start: int, stride: int) ->
     return ShardTask(split, index, tuple(chunk), flags)
 
 
-def _reject(record: dict, reason: str) -> dict:
-    return {"id": record["id"], "path": record["path"], "split": record["split"], "reason": reason}
+def _finished(task: ShardTask, out_dir: Path) -> bool:
+    """Whether `task` was written and its tar is still whole; says why a tar is redone."""
+    summary_path = _summary_path(out_dir, task.name)
+    try:
+        summary = json.loads(summary_path.read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:  # a summary cut short: the shard's end was never recorded
+        summary_path.unlink()
+        return False
+    damage = _damage(out_dir, summary)
+    if damage:
+        print(f"{task.file} {damage}: rewriting it")
+        summary_path.unlink()
+        return False
+    return True
 
 
-def _check_split_name(split: str) -> None:
-    if not re.fullmatch(r"[\w\-]+", split):
-        raise ValueError(
-            f"split name {split!r} must be letters, digits, '_' or '-' (it names shards)"
-        )
+def _damage(out_dir: Path, summary: dict) -> str | None:
+    """What is wrong with a finished shard's tar, judged by its size and member count."""
+    if not summary["file"]:
+        return None  # every clip of the shard was rejected: there is no tar
+    path = out_dir / summary["file"]
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if "bytes" in summary and size != summary["bytes"]:
+        return f"holds {size} bytes, {summary['bytes']} were written"
+    try:
+        members = count_members(path)
+    except ShardError as err:
+        return f"is unreadable ({err})"
+    expected = summary.get("members", 2 * summary["clips"])
+    if members != expected:
+        return f"holds {members} members, {expected} were written"
+    return None
 
 
 def _summary_path(out_dir: Path, name: str) -> Path:

@@ -1,9 +1,16 @@
-"""Filterbank mean/std of a corpus (the `mean`, `std` of `FbankConfig`), and stats.json.
+"""Feature mean/std of a corpus (the `mean`, `std` of `FbankConfig`), and stats.json.
 
 The moments are taken over every (frame, mel bin) value of the raw log-mel filterbank
 of the real frames of each measured clip - not over zero padding, which the originals'
 `get_norm_stats.py` included (ast#48) and which drags the mean towards 0 for short
 clips. Sums are kept in float64 so millions of clips merge without drift.
+
+MFCC-grams have statistics of their own (`kind="mfcc"`): `fbank_mean`/`fbank_std` stay,
+and `mfcc_mean`, `mfcc_std`, `mfcc_num_ceps`, `mfcc_clips` are added to stats.json:
+
+    python -m data_prep stats --shards work/shards/fsdd --kind mfcc --num-ceps 40
+
+A recipe then passes them as `data.stats: [mean, std]` (the shard writer measures fbank only).
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from pathlib import Path
 import torch
 
 from data_prep.parallel import map_unordered
-from data_prep.samples import iter_shard
 from ssamba.audio import load_audio
+from ssamba.data.shard_format import STATS_NAME, read_index, read_stats, write_stats
+from ssamba.data.shards import iter_shard
 from ssamba.features import FbankConfig, wav_to_fbank
 
-# Raw filterbank of the whole clip, the settings the models use (REFERENCE.md A).
+# Raw filterbank of the whole clip, the settings the models use (docs/originals.md#features).
 RAW_FBANK = FbankConfig(target_length=None)
 
 
@@ -57,13 +65,22 @@ class FbankMoments:
         return cls(**data)
 
 
-def clip_moments(wave: torch.Tensor, sr: int) -> FbankMoments:
-    """Moments of one clip's raw fbank; wave: (samples,) at 16 kHz."""
-    fbank = wav_to_fbank(wave, sr, RAW_FBANK).double()
+def raw_features(kind: str = "fbank", num_ceps: int = 40) -> FbankConfig:
+    """The whole clip's raw features of one kind, as the models compute them."""
+    return (
+        RAW_FBANK
+        if kind == "fbank"
+        else FbankConfig(target_length=None, kind=kind, num_ceps=num_ceps)
+    )
+
+
+def clip_moments(wave: torch.Tensor, sr: int, cfg: FbankConfig = RAW_FBANK) -> FbankMoments:
+    """Moments of one clip's raw features (fbank unless `cfg` says); wave: (samples,) at 16 kHz."""
+    fbank = wav_to_fbank(wave, sr, cfg).double()
     return FbankMoments(1, fbank.numel(), float(fbank.sum()), float((fbank * fbank).sum()))
 
 
-def write_stats(out_dir: Path, index: dict, moments: FbankMoments, rejects: int) -> dict:
+def summarise_stats(out_dir: Path, index: dict, moments: FbankMoments, rejects: int) -> dict:
     """stats.json: counts, hours and the fbank mean/std (with how many clips they cover)."""
     splits = index["splits"]
     stats = {
@@ -76,29 +93,52 @@ def write_stats(out_dir: Path, index: dict, moments: FbankMoments, rejects: int)
         "fbank_clips": moments.clips,
         "fbank": "kaldi fbank 128 mel, 25 ms / 10 ms, hanning, htk, DC removed, real frames only",
     }
-    (Path(out_dir) / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_stats(out_dir, stats)
     return stats
 
 
-def compute_stats(shard_dir: Path, workers: int = 1, max_clips: int | None = None) -> dict:
-    """Recompute the fbank mean/std from the shards themselves and rewrite stats.json.
+def compute_stats(
+    shard_dir: Path,
+    workers: int = 1,
+    max_clips: int | None = None,
+    kind: str = "fbank",
+    num_ceps: int = 40,
+) -> dict:
+    """Recompute the fbank (or MFCC) mean/std from the shards themselves into stats.json.
 
-    Measures every clip, or every `ceil(clips / max_clips)`-th clip of each shard.
+    Measures every clip, or every `ceil(clips / max_clips)`-th clip of each shard. With
+    `kind="mfcc"` the fbank entries are kept and `mfcc_*` entries added (replaced).
     """
     shard_dir = Path(shard_dir)
-    index_path = shard_dir / "index.json"
-    if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} not found: is {shard_dir} a shard folder?")
-    index = json.loads(index_path.read_text())
+    shards = read_index(shard_dir)
+    if shards is None:
+        raise FileNotFoundError(f"{shard_dir}: no index.json; is it a shard folder?")
+    index = json.loads((shard_dir / "index.json").read_text())
     stride = max(1, math.ceil(index["clips"] / max_clips)) if max_clips else 1
-    tars = [shard_dir / s["file"] for split in index["splits"].values() for s in split["shards"]]
-    jobs = [(path, stride) for path in tars]
+    cfg = raw_features(kind, num_ceps)
+    jobs = [(shard_dir / file, stride, cfg) for entries in shards.values() for file, _ in entries]
     moments = FbankMoments()
     for part in map_unordered(_shard_moments, jobs, workers):
         moments.add(part)
-    stats_path = shard_dir / "stats.json"
-    rejects = json.loads(stats_path.read_text())["rejects"] if stats_path.exists() else 0
-    stats = write_stats(shard_dir, index, moments, rejects)
+    stats_path = shard_dir / STATS_NAME
+    if kind == "mfcc":
+        stats = read_stats(shard_dir) if stats_path.exists() else {}
+        stats |= {
+            "mfcc_mean": moments.mean,
+            "mfcc_std": moments.std,
+            "mfcc_num_ceps": num_ceps,
+            "mfcc_clips": moments.clips,
+            "mfcc": f"kaldi mfcc {num_ceps} ceps over the fbank frames, real frames only",
+        }
+        write_stats(shard_dir, stats)
+        print(
+            f"mfcc ({num_ceps} ceps) mean {moments.mean:.6f} std {moments.std:.6f} over "
+            f"{moments.clips} clips -> {stats_path}; recipes: data.stats: "
+            f"[{moments.mean:.6f}, {moments.std:.6f}]"
+        )
+        return stats
+    rejects = read_stats(shard_dir)["rejects"] if stats_path.exists() else 0
+    stats = summarise_stats(shard_dir, index, moments, rejects)
     print(
         f"fbank mean {stats['fbank_mean']:.6f} std {stats['fbank_std']:.6f} over "
         f"{moments.clips} clips -> {stats_path}"
@@ -106,11 +146,11 @@ def compute_stats(shard_dir: Path, workers: int = 1, max_clips: int | None = Non
     return stats
 
 
-def _shard_moments(job: tuple[Path, int]) -> FbankMoments:
-    path, stride = job
+def _shard_moments(job: tuple[Path, int, FbankConfig]) -> FbankMoments:
+    path, stride, cfg = job
     moments = FbankMoments()
-    for i, (meta, flac) in enumerate(iter_shard(path)):
-        if i % stride == 0:
-            wave, sr = load_audio(flac, name=f"{path.name}:{meta['id']}")
-            moments.add(clip_moments(wave, sr))
+    for i, clip in enumerate(iter_shard(str(path))):
+        if i % stride == 0 and clip.audio is not None:
+            wave, sr = load_audio(clip.audio, name=f"{path.name}:{clip.key}")
+            moments.add(clip_moments(wave, sr, cfg))
     return moments

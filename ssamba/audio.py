@@ -20,6 +20,27 @@ import soundfile as sf
 import torch
 import torchaudio
 
+# File name suffixes (lower case) of the containers the bundled libsndfile 1.2 decodes:
+# what `ssamba shard --corpus folder` takes and `ssamba embed` looks for in a folder.
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".aiff",
+        ".aif",
+        ".aifc",
+        ".au",
+        ".snd",
+        ".caf",
+        ".w64",
+        ".rf64",
+    }
+)
 # Shorter than one 25 ms analysis frame gives zero filterbank frames.
 MIN_SECONDS = 0.025
 # libsndfile reads a cut-off WAV without complaint but logs "data : <declared> (should be <n>)".
@@ -37,7 +58,7 @@ def load_audio(
     target_sr: int = 16000,
     name: str | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Decode wav/flac/ogg/mp3 (path or bytes), downmix to mono, resample, validate.
+    """Decode any of `AUDIO_EXTENSIONS` (path or bytes), downmix to mono, resample, validate.
 
     Returns (wave: (samples,) float32 in [-1, 1], target_sr). `name` labels the clip in
     error messages (defaults to the path, or "<bytes>").

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from ssamba.audio import AudioError, load_audio
+from ssamba.audio import AUDIO_EXTENSIONS, AudioError, load_audio
 
 
 def _tone(seconds: float, sr: int, freq: float = 440.0) -> np.ndarray:
@@ -152,3 +152,26 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_audio_error_is_a_value_error() -> None:
     # callers that only know ValueError (argument checking) still catch bad clips
     assert issubclass(AudioError, ValueError)
+
+
+# Extensions whose container soundfile cannot infer from the name alone.
+WRITE_AS = {
+    ".wave": ("WAV", None),
+    ".aif": ("AIFF", None),
+    ".aifc": ("AIFF", None),
+    ".snd": ("AU", None),
+    ".oga": ("OGG", None),
+    ".opus": ("OGG", "OPUS"),
+    ".mp3": ("MP3", None),
+}
+
+
+def test_every_listed_extension_decodes(tmp_path: Path) -> None:
+    assert {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"} <= AUDIO_EXTENSIONS
+    for ext in sorted(AUDIO_EXTENSIONS):
+        assert ext.startswith(".") and ext == ext.lower()
+        fmt, subtype = WRITE_AS.get(ext, (None, None))
+        path = tmp_path / f"clip{ext}"
+        sf.write(path, _tone(0.5, 16000), 16000, format=fmt, subtype=subtype)
+        wave, sr = load_audio(path)
+        assert sr == 16000 and abs(wave.numel() - 8000) < 800, ext

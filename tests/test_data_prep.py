@@ -16,7 +16,8 @@ import soundfile as sf
 
 from data_prep import CORPORA, prepare
 from data_prep.__main__ import main
-from data_prep.manifest import read_labels, read_manifest, write_manifest
+from data_prep.manifest import read_manifest, write_manifest
+from ssamba.data.shard_format import read_labels
 
 
 def _clip(path: Path, seconds: float = 0.2, sr: int = 16000) -> Path:
@@ -44,6 +45,7 @@ def test_every_corpus_named_in_the_brief_has_a_recipe() -> None:
         "fsdd",
         "folder",
         "unlabelled",
+        "manifest",
     }
     assert expected <= set(CORPORA)
 

@@ -1,8 +1,7 @@
-"""Read WebDataset shards written by `data_prep`: find them, scan them, stream them, decode clips.
+"""Read WebDataset shards written by the shard writer: find them, scan them, stream them, decode clips.
 
-A shard folder holds `<split>-NNNNNN.tar` files whose members are `<key>.flac` (16 kHz mono)
-and `<key>.json` (`{"id", "labels", "duration", "source", "split", ...}`), plus
-`labels.csv`, `stats.json` and an index of shards per split with clip counts.
+The folder layout and sample format (`<split>-NNNNNN.tar` of `<key>.flac` + `<key>.json`,
+index.json, stats.json, labels.csv) are defined once, in `shard_format.py`.
 
 Two ways in, one per use:
 - `iter_shard` streams a tar front to back (pretraining: sequential reads of huge corpora);
@@ -27,12 +26,18 @@ from typing import Any
 import torch
 
 from ssamba.audio import AudioError, load_audio
+from ssamba.data.shard_format import (
+    AUDIO_MEMBERS,
+    INDEX_NAME,
+    META_MEMBER,
+    SAMPLE_RATE,
+    SHARD_GLOB,
+    read_index,
+    shard_split,
+    split_member_name,
+)
 
 log = logging.getLogger(__name__)
-
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
-INDEX_NAME = "index.json"
-SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class Shard:
 def list_shards(folder: str | Path, splits: Sequence[str] | None = None) -> list[Shard]:
     """The shards of `splits` (all when None) in `folder`, in name order.
 
-    Reads the index written by data_prep when present (it carries clip counts), else globs
+    Reads the index written by the shard writer when present (it carries clip counts), else globs
     `<split>-*.tar`. Raises FileNotFoundError / ValueError naming the folder and the splits
     that do exist, so a typo fails before training starts.
     """
@@ -68,38 +73,24 @@ def list_shards(folder: str | Path, splits: Sequence[str] | None = None) -> list
 
 
 def _indexed_shards(root: Path) -> list[Shard]:
-    """Shards listed in data_prep's index.json: {"splits": {split: {"shards": [{file, clips}]}}}."""
-    index = root / INDEX_NAME
-    if not index.is_file():
+    """Shards listed in the folder's index.json, with their clip counts."""
+    index = read_index(root)
+    if index is None:
         return []
-    try:
-        splits = json.loads(index.read_text())["splits"]
-        shards = [
-            Shard(str(root / entry["file"]), split, int(entry["clips"]))
-            for split, info in splits.items()
-            for entry in info["shards"]
-        ]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{index}: not a shard index ({type(err).__name__}: {err})") from err
+    shards = [
+        Shard(str(root / file), split, clips)
+        for split, entries in index.items()
+        for file, clips in entries
+    ]
     for shard in shards:
         if not Path(shard.path).is_file():
-            raise FileNotFoundError(f"{index} lists {shard.path}, which does not exist")
+            raise FileNotFoundError(f"{root / INDEX_NAME} lists {shard.path}, which does not exist")
     return sorted(shards, key=lambda s: s.path)
 
 
 def _globbed_shards(root: Path) -> list[Shard]:
-    return [
-        Shard(str(path), path.name.rsplit("-", 1)[0], None) for path in sorted(root.glob("*-*.tar"))
-    ]
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """WebDataset's convention: key = name up to the first dot of the basename, ext = rest."""
-    directory, _, base = name.rpartition("/")
-    if "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+    found = ((path, shard_split(path.name)) for path in sorted(root.glob(SHARD_GLOB)))
+    return [Shard(str(path), split, None) for path, split in found if split is not None]
 
 
 @dataclass
@@ -149,6 +140,12 @@ def _members(path: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str,
             raise ShardError(f"{path}: unreadable after member {last!r} ({err})") from err
 
 
+def count_members(path: str | Path) -> int:
+    """Sample members (`<key>.<ext>` files) of a tar, from its headers alone; ShardError if
+    the tar is missing or breaks. The shard writer checks finished shards with it."""
+    return sum(1 for _ in _members(str(path)))
+
+
 def iter_shard(path: str) -> Iterator[RawClip]:
     """Stream the clips of one tar in order (members of a key are adjacent in WebDataset tars)."""
     clip: RawClip | None = None
@@ -157,9 +154,9 @@ def iter_shard(path: str) -> Iterator[RawClip]:
             if clip is not None:
                 yield clip
             clip = RawClip(key, path)
-        if ext in AUDIO_EXTENSIONS or ext == "json":
+        if ext in AUDIO_MEMBERS or ext == META_MEMBER:
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if ext == "json":
+            if ext == META_MEMBER:
                 clip.meta = _parse_meta(data)
             else:
                 clip.audio = data
@@ -181,9 +178,9 @@ def scan_shard(path: str) -> tuple[list[ClipRef], list[RawClip], ShardError | No
         for tar, member, key, ext in _members(path):
             if key not in refs and key not in metas:
                 order.append(key)
-            if ext in AUDIO_EXTENSIONS:
+            if ext in AUDIO_MEMBERS:
                 refs[key] = ClipRef(key, path, member.offset_data, member.size)
-            elif ext == "json":
+            elif ext == META_MEMBER:
                 metas[key] = _parse_meta(tar.extractfile(member).read())  # type: ignore[union-attr]
     except ShardError as err:
         error = err
@@ -241,7 +238,9 @@ def decode_clip(raw: RawClip) -> tuple[torch.Tensor, dict[str, Any]]:
     """raw -> (wave: (samples,) float32 at 16 kHz, metadata), or CorruptClip with a reason."""
     name = f"{Path(raw.shard).name}:{raw.key}"
     if raw.audio is None:
-        raise CorruptClip("bad_metadata", f"{name}: no audio member ({'/'.join(AUDIO_EXTENSIONS)})")
+        raise CorruptClip(
+            "bad_metadata", f"{name}: no audio member ({'/'.join(sorted(AUDIO_MEMBERS))})"
+        )
     meta = raw.meta
     if meta is None:
         raise CorruptClip("bad_metadata", f"{name}: missing or unparsable .json")
@@ -261,18 +260,6 @@ def _audio_error_reason(message: str) -> str:
     if "empty" in message or "no audio samples" in message or "shorter than" in message:
         return "empty"
     return "undecodable"
-
-
-def read_stats(folder: str | Path) -> tuple[float, float]:
-    """(fbank mean, fbank std) that data_prep measured for a shard folder (`stats.json`)."""
-    path = Path(folder) / "stats.json"
-    try:
-        stats = json.loads(path.read_text())
-        return float(stats["fbank_mean"]), float(stats["fbank_std"])
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path} not found: run `make stats SHARDS={folder}`") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: no usable fbank_mean/fbank_std ({err})") from err
 
 
 class SkipCounter:

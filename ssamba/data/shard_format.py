@@ -1,0 +1,205 @@
+"""The on-disk shard format: the one definition the shard writer and every reader share.
+
+A shard folder holds:
+
+    <split>-NNNNNN.tar  WebDataset tars; a sample is two members, `<key>.flac`
+                        (16 kHz mono PCM16) and `<key>.json` (see `sample_meta`)
+    index.json          {"sample_rate", "clips", "splits": {split: {"shards": [{"file",
+                        "clips"}], "clips", "hours"}}}
+    stats.json          {"clips", "hours", "splits", "rejects", "fbank_mean", "fbank_std",
+                        "fbank_clips", "fbank"}
+    labels.csv          index,id,name: the class order of label vectors (labelled corpora)
+    rejects.jsonl       {"id", "path", "split", "reason"} per input that is in no shard
+    manifest.jsonl      the clip list the shards were written from
+
+Readers also take audio members of any other extension soundfile decodes (`.wav`, ...),
+so hand-made tars work too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ssamba.audio import AUDIO_EXTENSIONS
+
+SAMPLE_RATE = 16000
+AUDIO_MEMBER = "flac"
+META_MEMBER = "json"
+# member extensions a reader takes as the clip's audio (WebDataset extensions have no dot)
+AUDIO_MEMBERS = frozenset(ext.lstrip(".") for ext in AUDIO_EXTENSIONS)
+
+INDEX_NAME = "index.json"
+STATS_NAME = "stats.json"
+LABELS_NAME = "labels.csv"
+REJECTS_NAME = "rejects.jsonl"
+MANIFEST_NAME = "manifest.jsonl"
+
+SHARD_GLOB = "*-*.tar"
+_SHARD_FILE = re.compile(r"(?P<split>[\w\-]+)-(?P<index>\d+)\.tar")
+_SPLIT_NAME = re.compile(r"[\w\-]+")
+
+
+def shard_file_name(split: str, index: int) -> str:
+    """`<split>-NNNNNN.tar`, e.g. `train-000012.tar`."""
+    check_split_name(split)
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_split(file_name: str) -> str | None:
+    """The split a shard file name belongs to; None when the name is not a shard's."""
+    match = _SHARD_FILE.fullmatch(file_name)
+    return match["split"] if match else None
+
+
+def check_split_name(split: str) -> None:
+    if not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(
+            f"split name {split!r} must be letters, digits, '_' or '-' (it names shards)"
+        )
+
+
+# ------------------------------------------------------------------ samples
+
+_KEY_LITERAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-/")
+
+
+def sample_key(clip_id: str) -> str:
+    """The tar key of a clip: distinct ids always give distinct keys, and keys hold no dot.
+
+    WebDataset splits key and extension at the first dot of a member name, so every
+    character other than ASCII letters, digits, `_`, `-` and `/` is written `~xx` per
+    UTF-8 byte (`~` itself too, which makes the escape reversible): `a.b` -> `a~2eb`,
+    `a b` -> `a~20b`. A `/` that would start, end or double a path is escaped as well.
+    Plain ids (`4_lucas_3`, `yes/0b09edd3_nohash_1`) are their own key.
+    """
+    out = []
+    last = len(clip_id) - 1
+    for i, char in enumerate(clip_id):
+        bad_slash = char == "/" and (i in (0, last) or clip_id[i - 1] == "/")
+        if char in _KEY_LITERAL and not bad_slash:
+            out.append(char)
+        else:
+            out.extend(f"~{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member: WebDataset cuts at the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def sample_meta(record: dict[str, Any], duration: float) -> dict[str, Any]:
+    """A sample's json from its manifest record and its decoded duration in seconds:
+
+    {"id", "labels", "duration", "source" (the input path), "split", "sample_rate"},
+    then every other field of the record (`fold`, `speaker`, a clip list's own columns).
+    """
+    meta = {
+        "id": record["id"],
+        "labels": record["labels"],
+        "duration": duration,
+        "source": record["path"],
+        "split": record["split"],
+        "sample_rate": SAMPLE_RATE,
+    }
+    meta.update({k: v for k, v in record.items() if k not in meta and k != "path"})
+    return meta
+
+
+def encode_audio(wave: torch.Tensor) -> bytes:
+    """wave: (samples,) float in [-1, 1] at 16 kHz -> PCM16 flac bytes (clipped, not wrapped)."""
+    pcm = np.clip(np.round(wave.numpy() * 32768.0), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def reject_entry(record: dict[str, Any], reason: str) -> dict[str, Any]:
+    """One line of rejects.jsonl."""
+    return {"id": record["id"], "path": record["path"], "split": record["split"], "reason": reason}
+
+
+# ------------------------------------------------------------------ folder files
+
+
+def write_labels(classes: list[tuple[str, str]], folder: Path) -> Path:
+    """`labels.csv` (index,id,name); classes: (id, display name) in index order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LABELS_NAME
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "id", "name"])
+        for index, (class_id, name) in enumerate(classes):
+            writer.writerow([index, class_id, name])
+    return path
+
+
+def read_labels(path: Path) -> list[tuple[str, str]]:
+    """(id, name) in index order from a `labels.csv`."""
+    with Path(path).open(newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: int(row["index"]))
+    return [(row["id"], row["name"]) for row in rows]
+
+
+def write_index(folder: Path, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """index.json; splits: {split: {"shards": [{"file", "clips"}], "clips", "hours"}}."""
+    index = {
+        "sample_rate": SAMPLE_RATE,
+        "clips": sum(s["clips"] for s in splits.values()),
+        "splits": splits,
+    }
+    (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    return index
+
+
+def read_index(folder: Path) -> dict[str, list[tuple[str, int]]] | None:
+    """{split: [(shard file name, clips)]} from index.json; None when there is none."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        splits = json.loads(path.read_text())["splits"]
+        return {
+            split: [(str(entry["file"]), int(entry["clips"])) for entry in info["shards"]]
+            for split, info in splits.items()
+        }
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a shard index ({type(err).__name__}: {err})") from err
+
+
+def write_stats(folder: Path, stats: dict[str, Any]) -> None:
+    (Path(folder) / STATS_NAME).write_text(json.dumps(stats, indent=1))
+
+
+def read_stats(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATS_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} not found: run `make stats SHARDS={folder}`") from err
+    except ValueError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
+
+
+def fbank_stats(folder: Path) -> tuple[float, float]:
+    """(fbank mean, fbank std) the shard writer measured for a shard folder."""
+    stats = read_stats(folder)
+    try:
+        return float(stats["fbank_mean"]), float(stats["fbank_std"])
+    except (KeyError, TypeError, ValueError) as err:
+        path = Path(folder) / STATS_NAME
+        raise ValueError(f"{path}: no usable fbank_mean/fbank_std ({err})") from err
