@@ -3,6 +3,10 @@
 Each subcommand lives in the module that owns the job and exposes
 `main(argv: list[str]) -> int | None`; this file only routes, so `ssamba --help`
 stays fast (no torch import) and adding a command touches one line.
+
+Packages that build on ssamba add commands through the entry-point group
+`ssamba.commands` (name = "module:function"); the corpus recipes in `data_prep` add
+`ssamba shard` that way, so ssamba itself never imports them.
 """
 
 from __future__ import annotations
@@ -10,18 +14,23 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from importlib.metadata import entry_points
 
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("data_prep.__main__:shard_main", "prepare a corpus and write WebDataset shards"),
     "pretrain": ("ssamba.tasks.pretrain_cli:main", "self-supervised pretraining (LightningCLI)"),
     "finetune": ("ssamba.tasks.finetune_cli:main", "fine-tune / linear-probe on a labelled task"),
     "evaluate": (
         "ssamba.tasks.evaluate_cli:main",
         "evaluate a fine-tuned checkpoint, write results.json",
     ),
-    "embed": ("ssamba.embed:main", "embeddings for audio files or folders"),
-    "export": ("ssamba.models.checkpoints:export_main", "export the encoder of a checkpoint"),
+    "label-efficiency": (
+        "ssamba.label_efficiency:main",
+        "does pretraining help on my data? pretrained vs random init at several label budgets",
+    ),
+    "continual": ("ssamba.continual:main", "a sequence of tasks on one frozen encoder (adapters)"),
+    "embed": ("ssamba.embed.cli:main", "embeddings for audio files or folders"),
+    "export": ("ssamba.export:main", "write the encoder of any checkpoint as an encoder file"),
     "bench": ("ssamba.bench.__main__:main", "speed and memory benchmarks"),
 }
 
@@ -40,9 +49,23 @@ Run `ssamba <command> --help` for the options of one command.
 """
 
 
+PLUGIN_GROUP = "ssamba.commands"
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """Built-in commands, then those other installed packages register (`PLUGIN_GROUP`)."""
+    found = dict(COMMANDS)
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.name not in found:
+            package = entry.module.split(".")[0]
+            found[entry.name] = (entry.value, f"from {package}: `ssamba {entry.name} --help`")
+    return found
+
+
 def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    table = commands()
+    width = max(len(name) for name in table)
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in table.items()]
     return USAGE.format(commands="\n".join(lines))
 
 
@@ -69,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssamba {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    table = commands()
+    if name not in table:
         print(f"ssamba: unknown command {name!r}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    target, _ = COMMANDS[name]
+    target, _ = table[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     result = func(rest)

@@ -1,10 +1,11 @@
 """Model inputs from waveforms: Kaldi filterbanks exactly as SSAST/SSAMBA/AuM compute them.
 
 The pretrained checkpoints only give their published results on inputs built the same
-way, so every step here mirrors `dataloader.py` of the originals (REFERENCE.md A):
+way, so every step here mirrors `dataloader.py` of the originals (docs/originals.md#features):
 
     wave (16 kHz) -> remove DC -> kaldi fbank (128 mel, 25 ms / 10 ms, hanning, htk)
-         -> zero-pad or cut to `target_length` frames          (before normalising)
+         -> zero-pad or cut to `target_length` frames          (before normalising;
+            `pad="floor"` pads with the clip's quietest level per bin instead)
          -> SpecAugment (train only; masked bins become 0 in the log-mel domain)
          -> (x - mean) / (2 * std)                              (the deliberate factor 2)
          -> noise + roll (train only, when `noise`)
@@ -19,8 +20,9 @@ Shapes: waveforms are mono `(samples,)`; filterbanks are `(frames, n_mels)`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
 
 import torch
 import torchaudio
@@ -38,6 +40,10 @@ DATASET_STATS: dict[str, tuple[float, float]] = {
 }
 
 CropMode = Literal["random", "center", "start"]
+# "zeros": the originals' log-mel 0, which after normalisation reads as loud broadband
+# sound (+0.95 with FSDD's stats); "floor": each bin's minimum over the clip's own frames,
+# i.e. the recording's silence (docs/learning-quality.md).
+PadMode = Literal["zeros", "floor"]
 
 
 @dataclass
@@ -49,6 +55,8 @@ class FbankConfig:
     augmentation (evaluation then cuts from the start, so results stay deterministic).
     `target_length=None` keeps every frame (no pad or cut).
     `kind="mfcc"` swaps the filterbank for `num_ceps` Kaldi MFCCs over the same frames.
+    `pad` fills clips shorter than `target_length`: "zeros" (faithful) or "floor" (each
+    bin's quietest value in the clip, so padding looks like the recording's silence).
     """
 
     sample_rate: int = 16000
@@ -64,24 +72,35 @@ class FbankConfig:
     noise: bool = False
     kind: Literal["fbank", "mfcc"] = "fbank"
     num_ceps: int = 40
+    pad: PadMode = "zeros"
 
     def __post_init__(self) -> None:
         if self.crop not in ("random", "center", "start"):
             raise ValueError(f"FbankConfig.crop: {self.crop!r} is not random|center|start")
         if self.kind not in ("fbank", "mfcc"):
             raise ValueError(f"FbankConfig.kind: {self.kind!r} is not fbank|mfcc")
+        if self.pad not in ("zeros", "floor"):
+            raise ValueError(f"FbankConfig.pad: {self.pad!r} is not zeros|floor")
         if self.std <= 0:
             raise ValueError(f"FbankConfig.std: must be > 0, got {self.std}")
         if self.target_length is not None and self.target_length <= 0:
             raise ValueError(f"FbankConfig.target_length: must be > 0, got {self.target_length}")
 
     @classmethod
-    def for_dataset(cls, name: str, **overrides: object) -> FbankConfig:
-        """A config with the published mean/std of `name` (a key of `DATASET_STATS`)."""
-        if name not in DATASET_STATS:
-            raise ValueError(f"unknown dataset stats {name!r}; known: {sorted(DATASET_STATS)}")
-        mean, std = DATASET_STATS[name]
-        return cls(mean=mean, std=std, **overrides)  # type: ignore[arg-type]
+    def from_dict(cls, data: Mapping[str, Any]) -> FbankConfig:
+        """From saved fields (an encoder file); unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"FbankConfig: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def for_inference(self) -> FbankConfig:
+        """These settings as an encoder file stores them: no augmentation, cut at the start."""
+        return replace(self, crop="start", freqm=0, timem=0, noise=False)
 
     @property
     def feature_dim(self) -> int:
@@ -144,7 +163,7 @@ def wav_to_fbank(
         feats = torchaudio.compliance.kaldi.fbank(wave, **common)
     if cfg.target_length is None:
         return feats
-    return pad_or_crop(feats, cfg.target_length, crop or cfg.crop, generator=generator)
+    return pad_or_crop(feats, cfg.target_length, crop or cfg.crop, generator=generator, pad=cfg.pad)
 
 
 def pad_or_crop(
@@ -152,15 +171,20 @@ def pad_or_crop(
     target_length: int,
     mode: CropMode = "start",
     generator: torch.Generator | None = None,
+    pad: PadMode = "zeros",
 ) -> torch.Tensor:
-    """Zero-pad at the end or cut to `target_length` frames.
+    """Pad at the end or cut to `target_length` frames.
 
-    fbank: (frames, bins) -> (target_length, bins). Padding is zeros in the log-mel domain
-    *before* normalisation, as the originals do. `mode` picks which window a long clip
-    keeps: its start (faithful), its centre, or a random one (uses `generator`).
+    fbank: (frames, bins) -> (target_length, bins). Padding happens in the log-mel domain
+    *before* normalisation: zeros as the originals do, or with `pad="floor"` each bin's
+    minimum over the clip (its silence). `mode` picks which window a long clip keeps: its
+    start (faithful), its centre, or a random one (uses `generator`).
     """
     frames = fbank.shape[0]
     if frames < target_length:
+        if pad == "floor":
+            floor = fbank.min(dim=0, keepdim=True).values
+            return torch.cat([fbank, floor.expand(target_length - frames, -1)])
         return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - frames))
     excess = frames - target_length
     if mode == "start" or excess == 0:

@@ -6,21 +6,22 @@ from pathlib import Path
 
 import torch
 
-from ssamba.embed import fbank_config_to_dict
 from ssamba.features import FbankConfig
-from ssamba.models.checkpoints import save_encoder
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile
 
 # 2.56 s windows of 16 x 16 patches: 8 x 16 grid, 2 block pairs of width 32.
 INPUT_FRAMES = 256
 
 
-def write_small_encoder(path: Path, family: str = "ssamba", seed: int = 0) -> Path:
-    """A randomly initialised encoder file with the feature settings stored, as pretraining writes."""
+def write_small_encoder(
+    path: Path, family: str = "ssamba", seed: int = 0, features: FbankConfig | None = None
+) -> Path:
+    """A randomly initialised encoder file with its feature settings, as pretraining writes it."""
     torch.manual_seed(seed)
     depth = 2 if family == "ssast" else 4
     cfg = EncoderConfig.preset(
         family, "tiny", embed_dim=32, depth=depth, input_frames=INPUT_FRAMES, num_heads=2
     )
-    fbank = FbankConfig(target_length=INPUT_FRAMES)
-    return save_encoder(AudioEncoder(cfg), path, extra={"fbank": fbank_config_to_dict(fbank)})
+    features = features or FbankConfig(target_length=INPUT_FRAMES)
+    return EncoderFile(AudioEncoder(cfg), features, provenance={"kind": "test"}).save(path)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from ssamba.audio import load_audio
 from ssamba.features import FbankConfig, clip_features
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.transformer import Attention
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def small(family: str, **overrides) -> AudioEncoder:
@@ -239,3 +244,28 @@ def test_ssamba_tiny_trains_on_ten_seconds_of_real_audio(sample_wav):
     for name, p in encoder.named_parameters():
         assert name in unused or (p.grad is not None and torch.isfinite(p.grad).all()), name
     assert encoder.layers[-1].mixer.conv1d_b.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("piece", sorted((REPO / "recipes" / "model").glob("*_*.yaml")), ids=str)
+def test_recipe_model_pieces_are_the_published_configurations(piece: Path) -> None:
+    """A piece names only what differs from its family's defaults; built, it equals the
+    published preset (or, for the CPU demo piece, tiny's design at another size)."""
+    fields = yaml.safe_load(piece.read_text())
+    family, size = piece.stem.split("_", 1)
+    built = EncoderConfig(**fields)
+    if size in ("tiny", "small", "base"):
+        assert built == EncoderConfig.preset(family, size)
+    else:
+        assert built == EncoderConfig.preset(
+            family, "tiny", embed_dim=built.embed_dim, depth=built.depth
+        )
+
+
+def test_fields_left_unset_take_the_family_defaults() -> None:
+    ssast = EncoderConfig(family="ssast", embed_dim=384)
+    assert (ssast.depth, ssast.num_heads, ssast.prefix_tokens, ssast.norm_eps) == (12, 6, 2, 1e-6)
+    aum = EncoderConfig(family="aum")
+    assert (aum.norm, aum.cls_position, aum.bidirectional_pairs) == ("rms", "middle", False)
+    assert (aum.bimamba, aum.divide_out) == ("v1", False)  # AuM's "Fo-Bi" default
+    assert EncoderConfig(family="ssamba", stride=None).stride == (16, 16)
+    assert EncoderConfig.from_dict(ssast.to_dict()) == ssast  # saved configs are concrete

@@ -85,8 +85,9 @@ def test_normalise_is_mean_over_twice_std() -> None:
 
 
 def test_evaluation_features_are_deterministic_and_normalised(ten_seconds: torch.Tensor) -> None:
-    cfg = FbankConfig.for_dataset(
-        "esc50", target_length=512, freqm=24, timem=96, noise=True, crop="random"
+    mean, std = DATASET_STATS["esc50"]
+    cfg = FbankConfig(
+        mean=mean, std=std, target_length=512, freqm=24, timem=96, noise=True, crop="random"
     )
     a = clip_features(ten_seconds, 16000, cfg, train=False)
     b = clip_features(ten_seconds, 16000, cfg, train=False)
@@ -189,5 +190,28 @@ def test_bad_inputs_name_the_problem() -> None:
         wav_to_fbank(torch.randn(2, 16000), 16000, RAW)
     with pytest.raises(ValueError, match=r"FbankConfig\.crop"):
         FbankConfig(crop="middle")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown dataset stats"):
-        FbankConfig.for_dataset("imagenet")
+    with pytest.raises(ValueError, match=r"FbankConfig: unknown keys \['bins'\]"):
+        FbankConfig.from_dict({"bins": 64})
+
+
+def test_floor_padding_continues_the_clips_own_silence_not_a_loud_zero(fsdd_dir: Path) -> None:
+    # A 0.3 s spoken digit in a 0.64 s window: a third of it or more is padding.
+    wave, _ = load_audio(fsdd_dir / "recordings" / "0_theo_0.wav", 16000)
+    mean, std = -8.77, 4.64  # FSDD's filterbank statistics
+    zeros = FbankConfig(target_length=64, mean=mean, std=std)
+    floor = FbankConfig(target_length=64, mean=mean, std=std, pad="floor")
+    frames = zeros.num_frames(wave.numel())
+    assert frames < 48
+
+    faithful = clip_features(wave, 16000, zeros, train=False)
+    quiet = clip_features(wave, 16000, floor, train=False)
+
+    torch.testing.assert_close(faithful[:frames], quiet[:frames])  # speech unchanged
+    loud = torch.full_like(faithful[frames:], -mean / (2 * std))
+    torch.testing.assert_close(faithful[frames:], loud)  # log-mel 0 reads as +0.95
+    lowest = quiet[:frames].min(dim=0).values
+    assert torch.equal(quiet[frames:], lowest.expand(64 - frames, -1))
+    assert (quiet[frames:] <= faithful[:frames].mean(0)).all()  # never above the speech
+    assert quiet[frames:].mean() < faithful[:frames].mean() < faithful[frames:].mean()
+    with pytest.raises(ValueError, match="pad"):
+        FbankConfig(pad="noise")  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ and only the block stack differs: SSAMBA and AuM stack `MambaBlock`s ("Add -> No
 Mixer", `layers.{i}`, `norm_f`), SSAST stacks ViT blocks (`blocks.{i}`, `norm`).
 Submodule names match the official checkpoints (see `ssamba.models.checkpoints`).
 
-Defaults are faithful to the originals (REFERENCE.md B), quirks included: SSAMBA's
+Defaults are faithful to the originals (docs/originals.md#encoder), quirks included: SSAMBA's
 paired layers with flipped residuals (`bidirectional_pairs`) and its double final norm
 (`double_final_norm`), both configurable.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,16 +32,23 @@ from ssamba.models.mamba import BIMAMBA_TYPES, BimambaType, MambaBlock, MambaMix
 from ssamba.models.patching import PatchEmbed, patch_grid, resize_pos_grid, unfold_patches
 from ssamba.models.transformer import ATTENTION_IMPLS, AttentionImpl, TransformerBlock
 
+if TYPE_CHECKING:
+    from ssamba.models.adapters import AdapterConfig
+
 Family = Literal["ssamba", "ssast", "aum"]
 FAMILIES = ("ssamba", "ssast", "aum")
 Pooling = Literal["mean", "cls"]
-# size -> (embed_dim, DeiT heads); Vim/SSAMBA/AuM use the same widths as DeiT.
-SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+# The published sizes: Vim/SSAMBA/AuM use DeiT's widths.
+SIZES = {"tiny": 192, "small": 384, "base": 768}
 
 
 @dataclass
 class EncoderConfig:
-    """Everything needed to rebuild an encoder; saved inside exported encoder files.
+    """Everything needed to rebuild an encoder; a recipe's `model.encoder`, saved in encoder files.
+
+    A field left `None` takes its family's published value when the config is built
+    (`FAMILY_DEFAULTS`), so `{family: ssast, embed_dim: 384}` is SSAST-small and a saved
+    config always holds concrete values. Widths: tiny 192, small 384, base 768.
 
     Shared: `patch`/`stride` are (freq, time) in bins/frames; `prefix_tokens` is 1 (cls)
     or 2 (cls + DeiT's dist token); `cls_position` "front" (SSAMBA, SSAST) or "middle"
@@ -52,42 +59,54 @@ class EncoderConfig:
     2i and 2i+1 form a pair, 2i+1 reads the time-flipped sequence and residual, and the
     pair's outputs and residuals are summed. Drop path: layer i gets
     ([0] + linspace(0, rate, depth))[i] and a final DropPath(rate) precedes the norm.
-    Transformer family: `num_heads`, `mlp_ratio`, `qkv_bias`, `attention` (sdpa|naive);
-    drop path linspace(0, rate, depth) per block.
+    Transformer family: `num_heads` (default width / 64, as DeiT), `mlp_ratio`,
+    `qkv_bias`, `attention` (sdpa|naive|fta: factorized time/frequency attention, see
+    `ssamba.models.transformer`); drop path linspace(0, rate, depth) per block.
     """
 
     family: Family = "ssamba"
     embed_dim: int = 192
-    depth: int = 24
+    depth: int | None = None
     num_mel_bins: int = 128
     input_frames: int = 1024
     patch: tuple[int, int] = (16, 16)
-    stride: tuple[int, int] = (16, 16)
-    prefix_tokens: int = 1
-    cls_position: Literal["front", "middle"] = "front"
-    norm: NormKind = "layer"
-    norm_eps: float = 1e-5
-    drop_path_rate: float = 0.1
-    double_final_norm: bool = True
+    stride: tuple[int, int] | None = None  # None: the patch size (no overlap)
+    prefix_tokens: int | None = None
+    cls_position: Literal["front", "middle"] | None = None
+    norm: NormKind | None = None
+    norm_eps: float | None = None
+    drop_path_rate: float | None = None
+    double_final_norm: bool | None = None
     # Mamba families (ssamba, aum)
-    bimamba: BimambaType = "v2"
-    divide_out: bool = True
-    bidirectional_pairs: bool = True
+    bimamba: BimambaType | None = None  # None: v2 ("Bi-Bi") for ssamba, v1 ("Fo-Bi") for aum
+    divide_out: bool | None = None  # None: halve the two directions except for v1
+    bidirectional_pairs: bool | None = None
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    dt_rank: int | None = None
+    dt_rank: int | None = None  # None: ceil(embed_dim / 16), as Mamba
     # transformer family (ssast)
-    num_heads: int = 3
+    num_heads: int | None = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     attention: AttentionImpl = "sdpa"
 
     def __post_init__(self) -> None:
+        _check_choice("family", self.family, FAMILIES)
+        for name, value in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.divide_out is None:
+            # upstream's fused v1 kernel sums the two directions without halving
+            self.divide_out = self.bimamba != "v1"
+        if self.num_heads is None:
+            self.num_heads = max(1, self.embed_dim // 64)
         # YAML and JSON give lists; the config compares and hashes as tuples.
         self.patch = _pair("patch", self.patch)
-        self.stride = _pair("stride", self.stride)
-        _check_choice("family", self.family, FAMILIES)
+        self.stride = self.patch if self.stride is None else _pair("stride", self.stride)
+        self._validate()
+
+    def _validate(self) -> None:
         _check_choice("cls_position", self.cls_position, ("front", "middle"))
         _check_choice("norm", self.norm, ("layer", "rms"))
         _check_choice("bimamba", self.bimamba, BIMAMBA_TYPES)
@@ -121,33 +140,18 @@ class EncoderConfig:
         """(freq_patches, time_patches) of the patch grid."""
         return patch_grid((self.num_mel_bins, self.input_frames), self.patch, self.stride)
 
+    @property
+    def num_layers(self) -> int:
+        """Entries of `AudioEncoder.forward_features(return_layers=True)`: blocks or block pairs."""
+        paired = self.family != "ssast" and self.bidirectional_pairs
+        return self.depth // 2 if paired else self.depth
+
     @classmethod
     def preset(cls, family: str, size: str, **overrides: Any) -> EncoderConfig:
-        """Published configurations: family ssamba|ssast|aum, size tiny|small|base.
-
-        ssamba: Vim width, depth 24, LayerNorm 1e-5, bimamba v2 with divide_out, paired
-          flipped layers, 1 cls at the front, drop path 0.1, double final norm.
-        ssast:  DeiT (heads 3/6/12), depth 12, mlp 4x, cls + dist at the front,
-          LayerNorm 1e-6, no drop path.
-        aum:    RMSNorm 1e-5, no pairing, cls in the middle, no drop path, bimamba v2
-          ("Bi-Bi"); with bimamba="v1" ("Fo-Bi") divide_out defaults to False, as
-          upstream's fused v1 kernel sums without halving.
-        """
+        """A published size (tiny|small|base = width 192|384|768) of `family`, plus overrides."""
         if size not in SIZES:
             raise ValueError(f"size: expected one of {tuple(SIZES)}, got {size!r}")
-        _check_choice("family", family, FAMILIES)
-        dim, heads = SIZES[size]
-        base: dict[str, Any] = {"family": family, "embed_dim": dim}
-        if family == "ssamba":
-            base |= {"depth": 24, "drop_path_rate": 0.1}
-        elif family == "ssast":
-            base |= {"depth": 12, "num_heads": heads, "prefix_tokens": 2, "norm_eps": 1e-6}
-            base |= {"drop_path_rate": 0.0, "double_final_norm": False}
-        else:
-            base |= {"depth": 24, "norm": "rms", "bidirectional_pairs": False}
-            base |= {"cls_position": "middle", "drop_path_rate": 0.0, "double_final_norm": False}
-            base["divide_out"] = overrides.get("bimamba", "v2") != "v1"
-        return cls.from_dict({**base, **overrides})
+        return cls.from_dict({"family": family, "embed_dim": SIZES[size], **overrides})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
@@ -160,6 +164,61 @@ class EncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def architecture_differences(self, other: EncoderConfig) -> list[str]:
+        """Fields that make the weights of `self` and `other` incompatible, as "name a != b".
+
+        Input length, stride and the training-time settings (drop path, attention kernel)
+        may differ: an encoder is re-targeted to them (`AudioEncoder.resize_input`).
+        """
+        free = {"input_frames", "stride", "drop_path_rate", "attention"}
+        return [
+            f"{f.name} {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if f.name not in free and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+# The published value of every field a config leaves None, per family (docs/originals.md):
+# SSAMBA is Vim's bidirectional layout with flipped pairs, 1 cls first, LayerNorm, drop
+# path 0.1 and its double final norm; SSAST is DeiT (12 blocks, cls + dist, LayerNorm
+# 1e-6); AuM is unpaired RMSNorm Mamba with the cls token in the middle, "Fo-Bi" (bimamba
+# v1) as AuM's run.py default and its released from-scratch checkpoints.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ssamba": {
+        "bimamba": "v2",
+        "depth": 24,
+        "prefix_tokens": 1,
+        "cls_position": "front",
+        "norm": "layer",
+        "norm_eps": 1e-5,
+        "drop_path_rate": 0.1,
+        "double_final_norm": True,
+        "bidirectional_pairs": True,
+    },
+    "ssast": {
+        "bimamba": "v2",
+        "depth": 12,
+        "prefix_tokens": 2,
+        "cls_position": "front",
+        "norm": "layer",
+        "norm_eps": 1e-6,
+        "drop_path_rate": 0.0,
+        "double_final_norm": False,
+        "bidirectional_pairs": False,
+    },
+    "aum": {
+        "bimamba": "v1",
+        "depth": 24,
+        "prefix_tokens": 1,
+        "cls_position": "middle",
+        "norm": "rms",
+        "norm_eps": 1e-5,
+        "drop_path_rate": 0.0,
+        "double_final_norm": False,
+        "bidirectional_pairs": False,
+    },
+}
 
 
 def _pair(name: str, value: Any) -> tuple[int, int]:
@@ -321,6 +380,7 @@ class AudioEncoder(nn.Module):
 
         The patch projection keeps its weights (only its stride changes); the position
         embedding of the patch grid is cropped around the centre or bilinearly stretched
+        as SSAST/SSAMBA do, or resampled with antialiasing for AuM as AuM does
         (`ssamba.models.patching.resize_pos_grid`); prefix tokens keep theirs. Call it
         before creating the optimizer: pos_embed becomes a new Parameter when the grid
         changes. Returns self.
@@ -335,11 +395,27 @@ class AudioEncoder(nn.Module):
         if new_grid != old_grid:
             prefix = self.cfg.prefix_tokens
             with torch.no_grad():
-                grid_pos = resize_pos_grid(self.pos_embed[:, prefix:], old_grid, new_grid)
+                grid_pos = resize_pos_grid(
+                    self.pos_embed[:, prefix:], old_grid, new_grid, antialias=cfg.family == "aum"
+                )
                 pos = torch.cat([self.pos_embed[:, :prefix], grid_pos], dim=1)
             self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
         self.cfg = cfg
         return self
+
+    # ------------------------------------------------------------------ parameter-efficient tuning
+    def add_adapters(self, spec: AdapterConfig) -> nn.ModuleDict:
+        """Attach the adapters or LoRA of `spec` (`ssamba.models.adapters`), kept in
+        `self.adapters`; base parameter names do not change. Returns the adapters."""
+        from ssamba.models.adapters import attach_adapters
+
+        return attach_adapters(self, spec)
+
+    def remove_adapters(self) -> None:
+        """Detach everything `add_adapters` attached."""
+        from ssamba.models.adapters import remove_adapters
+
+        remove_adapters(self)
 
     # ------------------------------------------------------------------ internals
     def _prefix_params(self) -> list[nn.Parameter]:
@@ -395,8 +471,10 @@ class AudioEncoder(nn.Module):
 
     def _run_transformer(self, x: Tensor, collect: bool) -> Tensor | list[Tensor]:
         outputs: list[Tensor] = []
+        # FTA attends within rows and columns of the patch grid: blocks need its shape.
+        grid = (self.grid, self.cfg.prefix_tokens, self.prefix_start)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, grid) if self.cfg.attention == "fta" else block(x)
             if collect:
                 outputs.append(x)
         return self._final_norm(self.norm, x, outputs, collect)

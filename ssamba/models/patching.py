@@ -36,12 +36,16 @@ def unfold_patches(spec: Tensor, patch: tuple[int, int], stride: tuple[int, int]
     return F.unfold(spec, kernel_size=patch, stride=stride).transpose(1, 2)
 
 
-def resize_pos_grid(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+def resize_pos_grid(
+    pos: Tensor, old: tuple[int, int], new: tuple[int, int], antialias: bool = False
+) -> Tensor:
     """Adapt a learned position grid to a new patch grid: (1, old_f*old_t, D) -> (1, new_f*new_t, D).
 
-    Per axis, time first then frequency (as SSAST/SSAMBA): a smaller axis is cropped around
-    the centre (start = old//2 - new//2), a larger one bilinearly interpolated
-    (align_corners=False). Equal grids return `pos` unchanged.
+    SSAST/SSAMBA (default): per axis, time first then frequency, a smaller axis is cropped
+    around the centre (start = old//2 - new//2), a larger one bilinearly interpolated
+    (align_corners=False). AuM (`antialias=True`): both axes bilinearly resampled with
+    antialiasing, shrinking as well as growing (timm's resample_abs_pos_embed).
+    Equal grids return `pos` unchanged.
 
     The originals interpolate time to a hard-coded (8, t) and end the frequency crop at
     `start + t_dim` (a typo for f_dim). For the 8-row grid of every released 16x16
@@ -52,8 +56,13 @@ def resize_pos_grid(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> 
         return pos
     dim = pos.shape[-1]
     grid = pos.reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)  # (1, D, f, t)
-    grid = _fit_axis(grid, axis=3, new=new[1])
-    grid = _fit_axis(grid, axis=2, new=new[0])
+    if antialias:
+        grid = F.interpolate(
+            grid.float(), size=tuple(new), mode="bilinear", antialias=True, align_corners=False
+        ).to(pos.dtype)
+    else:
+        grid = _fit_axis(grid, axis=3, new=new[1])
+        grid = _fit_axis(grid, axis=2, new=new[0])
     return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], dim)
 
 
