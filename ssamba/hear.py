@@ -4,7 +4,9 @@
     scene = get_scene_embeddings(audio, model)                 # (n, scene_embedding_size)
     emb, times = get_timestamp_embeddings(audio, model)        # (n, steps, size), (n, steps) ms
 
-audio: (n, samples) float at 16 kHz, all clips the same length (HEAR pads them).
+audio: (n, samples) float at 16 kHz, all clips the same length (HEAR pads them), n >= 1,
+samples >= 1, every sample finite: anything else is a ValueError (naming the clip with a
+NaN or infinite sample) rather than a NaN embedding.
 
 Time resolution is the patch grid's: one timestamp per time patch (every 160 ms for 16x16
 patches, 100 ms with stride 10), at the centre of the patch, only where the clip has audio.
@@ -13,6 +15,8 @@ size = frequency patches x width, as SSAST's SUPERB upstream did), so the downst
 still sees which band a pattern sits in; `freq="mean"` averages them (size = width).
 The scene embedding is the mean of all real patch tokens (SSAMBA's `ft_avgtok`), size = width.
 Clips longer than the encoder's input are cut into windows (see `ssamba.embed`).
+Filterbanks use the feature settings stored in the model file (`load_encoder_file`), so an
+encoder pretrained on another corpus is fed that corpus's normalisation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from ssamba.embed import Embedder, FreqMode
 from ssamba.features import FbankConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile
 
 
 class HearModel(nn.Module):
@@ -49,7 +54,9 @@ def load_model(
     hop_seconds: float | None = None,
     batch_size: int = 8,
 ) -> HearModel:
-    """Load an encoder file (or official SSAMBA/SSAST/AuM checkpoint) as a HEAR model.
+    """Load an encoder file, a Lightning .ckpt of ssamba's tasks or an official
+    SSAMBA/SSAST/AuM checkpoint as a HEAR model (`load_encoder_file`: files holding pickled
+    code are refused with a one-line CheckpointError, a missing one is FileNotFoundError).
 
     An empty path gives a randomly initialised ssamba-tiny: a baseline that shows what
     the architecture alone contributes. `layer`: which layer's tokens (-1: the last);
@@ -65,7 +72,8 @@ def load_model(
             stacklevel=2,
         )
         encoder = AudioEncoder(EncoderConfig.preset("ssamba", "tiny"))
-        embedder = Embedder(encoder, FbankConfig(), **options)
+        bundle = EncoderFile(encoder, FbankConfig(), provenance={"kind": "random initialisation"})
+        embedder = Embedder(bundle, **options)
     return HearModel(embedder, layer=layer, freq=freq)
 
 

@@ -1,4 +1,4 @@
-"""`ssamba embed` and the windowing core it shares with HEAR and s3prl."""
+"""`ssamba embed` and the windowing core it shares with HEAR."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from _encoder_files import INPUT_FRAMES, write_small_encoder
 
 from ssamba import cli
 from ssamba.audio import load_audio
-from ssamba.embed import Embedder, main
+from ssamba.embed import Embedder
+from ssamba.embed.cli import main
 from ssamba.features import FbankConfig, clip_features
-from ssamba.models.checkpoints import load_encoder, to_official
+from ssamba.models import load_encoder_file, to_official
 
 STEP_MS = 160.0  # 16-frame time patches at 10 ms per frame
 
@@ -88,7 +89,7 @@ def test_mean_pooling_is_the_mean_of_the_real_patch_tokens_the_encoder_gives(
     fsdd_dir: Path, encoder_file: Path, embedder: Embedder
 ) -> None:
     wave, _ = load_audio(fsdd_dir / "recordings" / "5_yweweler_3.wav")
-    encoder = load_encoder(encoder_file).eval()
+    encoder = load_encoder_file(encoder_file).encoder.eval()
     fbank = clip_features(wave, 16000, FbankConfig(target_length=INPUT_FRAMES), train=False)
     with torch.inference_mode():
         tokens = encoder.forward_features(fbank.unsqueeze(0))
@@ -148,7 +149,7 @@ def test_official_checkpoint_embeds_with_the_pretraining_features(
     encoder_file: Path, tmp_path: Path
 ) -> None:
     official = tmp_path / "amba_tiny_400.pth"
-    torch.save(to_official(load_encoder(encoder_file)), official)
+    torch.save(to_official(load_encoder_file(encoder_file).encoder), official)
 
     embedder = Embedder.from_file(official)
 

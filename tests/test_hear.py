@@ -90,3 +90,24 @@ def test_empty_path_gives_an_untrained_ssamba_tiny_with_a_warning() -> None:
         model = hear.load_model("")
 
     assert model.scene_embedding_size == 192 and model.timestamp_embedding_size == 8 * 192
+
+
+def test_a_nan_or_infinite_sample_is_refused_naming_the_clip(
+    model: hear.HearModel, digits: torch.Tensor
+) -> None:
+    audio = digits.clone()
+    audio[2, 1000] = float("nan")
+    audio[1, 5] = float("inf")
+
+    for embed in (hear.get_scene_embeddings, hear.get_timestamp_embeddings):
+        with pytest.raises(ValueError, match=r"clip 1 has NaN or infinite samples \(clips 1, 2\)"):
+            embed(audio, model)
+
+
+@pytest.mark.parametrize("shape", [(0, 16000), (2, 0)])
+def test_an_empty_batch_is_refused_with_a_clear_error(
+    model: hear.HearModel, shape: tuple[int, int]
+) -> None:
+    for embed in (hear.get_scene_embeddings, hear.get_timestamp_embeddings):
+        with pytest.raises(ValueError, match=rf"shape \({shape[0]}, {shape[1]}\) holds no audio"):
+            embed(torch.zeros(shape), model)
