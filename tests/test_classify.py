@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,12 +13,18 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
-from ssamba.models.checkpoints import save_encoder
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.tasks.classify import ClassifyTask, EpochWeightAveraging, lr_factor
+from ssamba.models.encoder_file import EncoderFile
+from ssamba.tasks.callbacks import EpochWeightAveraging
+from ssamba.tasks.classify import ClassifyTask
 from ssamba.tasks.metrics import classification_metrics, update_metrics
+from ssamba.tasks.schedules import lr_factor
 
-SMALL = {"family": "ssamba", "size": "tiny", "depth": 2, "embed_dim": 32}
+SMALL = EncoderConfig.preset("ssamba", "tiny", depth=2, embed_dim=32)
+
+
+def save_encoder(encoder: AudioEncoder, path) -> None:
+    EncoderFile(encoder, None).save(path)
 
 
 def small_encoder(**overrides) -> AudioEncoder:
@@ -112,7 +119,7 @@ def test_warmup_rises_linearly_then_cosine_reaches_zero():
 def official_layout(encoder: AudioEncoder) -> dict[str, torch.Tensor]:
     """The encoder's weights under the key names of an official SSAMBA pretraining .pth.
 
-    REFERENCE.md B: `module.` (DataParallel), `module.v.*` (VisionMamba), `module.mask_embed`,
+    docs/originals.md#checkpoints: `module.` (DataParallel), `module.v.*` (VisionMamba), `module.mask_embed`,
     the MSPM heads, the unused 1000-class head and the input-size scalars.
     """
     dim = encoder.embed_dim
@@ -174,19 +181,13 @@ def test_checkpoint_of_another_size_or_family_is_refused_naming_both(tmp_path):
         ValueError, match=r"holds a ssamba encoder \(embed_dim 32, depth 2\).*embed_dim 64"
     ):
         ClassifyTask(
-            num_classes=3, init=str(tmp_path / "encoder.pt"), encoder={**SMALL, "embed_dim": 64}
+            num_classes=3, init=str(tmp_path / "encoder.pt"), encoder=replace(SMALL, embed_dim=64)
         )
     with pytest.raises(ValueError, match="asks for ssast"):
         ClassifyTask(
             num_classes=3,
             init=str(tmp_path / "encoder.pt"),
-            encoder={
-                "family": "ssast",
-                "size": "tiny",
-                "depth": 2,
-                "embed_dim": 32,
-                "num_heads": 2,
-            },
+            encoder=EncoderConfig(family="ssast", depth=2, embed_dim=32, num_heads=2),
         )
 
 
@@ -255,7 +256,7 @@ def fit(task: ClassifyTask, tmp_path, epochs: int = 1, batches: int = 2, callbac
 
 def test_linear_probe_trains_the_head_and_leaves_the_encoder_untouched(tmp_path):
     task = ClassifyTask(
-        num_classes=3, encoder={**SMALL, "input_frames": 128}, mode="linear", lr=1e-2
+        num_classes=3, encoder=replace(SMALL, input_frames=128), mode="linear", lr=1e-2
     )
     encoder_before = {k: v.clone() for k, v in task.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in task.mlp_head.state_dict().items()}
@@ -283,7 +284,7 @@ def test_weight_averaging_tests_the_mean_of_the_chosen_epochs(tmp_path):
             }
 
     task = ClassifyTask(
-        num_classes=3, encoder={**SMALL, "input_frames": 128}, lr=1e-2, weight_averaging=[2, 3]
+        num_classes=3, encoder=replace(SMALL, input_frames=128), lr=1e-2, weight_averaging=[2, 3]
     )
     trainer = fit(task, tmp_path, epochs=4, callbacks=[Snapshot()])
     averaging = next(cb for cb in trainer.callbacks if isinstance(cb, EpochWeightAveraging))
@@ -295,7 +296,7 @@ def test_weight_averaging_tests_the_mean_of_the_chosen_epochs(tmp_path):
 
 
 def test_multilabel_batch_in_a_single_label_task_names_the_clip(tmp_path):
-    task = ClassifyTask(num_classes=3, encoder={**SMALL, "input_frames": 128})
+    task = ClassifyTask(num_classes=3, encoder=replace(SMALL, input_frames=128))
     batch = synthetic_batches(1, 3)[0]
     batch["label"][2] = -1
     with pytest.raises(ValueError, match="clip 'clip0_2' has several labels"):

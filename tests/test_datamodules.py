@@ -398,3 +398,24 @@ def test_datamodules_build_from_a_yaml_recipe_through_jsonargparse(tmp_path, fsd
     help_text = parser.format_help()  # argument docstrings become --help
     assert "shard sets to mix" in help_text and "leave-one-speaker-out" not in help_text
     assert "json predicate of the test set" in help_text
+
+
+def test_label_budget_draws_exactly_k_clips_per_class_the_same_for_every_model(tmp_path, fsdd16):
+    # fsdd16: 2 speakers x 10 digits x 3 takes = 6 clips per digit, none of them test
+    folder = write_shard_folder(tmp_path / "s", {"train": chunk(fsdd16, [30, 30])})
+
+    def train_ids(k: int, seed: int = 0) -> list[str]:
+        dm = labelled(folder, labels_per_class=k, budget_seed=seed, test_filter={"speaker": "x"})
+        dm.split_clips("fit")
+        return sorted(c.meta["id"] for c in dm.subsets["train"])
+
+    for k in (1, 2, 5):
+        ids = train_ids(k)
+        digits = [i.split("_")[0] for i in ids]
+        assert len(ids) == 10 * k and all(digits.count(d) == k for d in set(digits))
+        assert ids == train_ids(k)  # the same draw for a second model (e.g. random init)
+    assert set(train_ids(2)) <= set(train_ids(5))  # smaller budgets are nested in larger
+    assert train_ids(2, seed=1) != train_ids(2, seed=0)
+    dm = labelled(folder, labels_per_class=7, test_filter={"speaker": "x"})
+    with pytest.raises(ValueError, match=r"labels_per_class=7: classes with fewer .*'0' \(6\)"):
+        dm.split_clips("fit")

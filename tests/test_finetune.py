@@ -20,9 +20,10 @@ import yaml
 from data_prep import CORPORA, prepare
 from data_prep.shard import write_shards
 from ssamba.data import LabelledDataModule
-from ssamba.models.checkpoints import save_encoder
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile
 from ssamba.tasks.evaluate_cli import main as evaluate_main
+from ssamba.tasks.finetune_cli import latest_results
 from ssamba.tasks.finetune_cli import main as finetune_main
 from ssamba.tasks.pretrain_cli import main as pretrain_main
 
@@ -32,15 +33,21 @@ RECIPES = sorted(FINETUNE.glob("*.yaml"))
 FSDD = FINETUNE / "fsdd.yaml"
 FSDD_LOSO = FINETUNE / "fsdd_loso.yaml"
 SPEAKERS = ["george", "jackson", "theo"]
-SMALL = {"family": "ssamba", "size": "tiny", "depth": 2, "embed_dim": 32}
+SMALL = {"family": "ssamba", "depth": 2, "embed_dim": 32}
 # The end-to-end test's "small but real" encoder: 4 layers (2 bidirectional pairs), 64
 # wide, pretrained for 150 steps by the CPU recipe; the fine-tuning recipe runs unchanged.
-E2E_PRETRAIN = [
-    '--model.encoder={"family": "ssamba", "size": "tiny", "depth": 4, "embed_dim": 64}',
-    "--trainer.max_steps=150",
-]
+E2E_PRETRAIN = ["--trainer.max_steps=150"]
 # LOSO only has to show the fold machinery on the real recipe: one short epoch per fold.
 E2E_LOSO = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10"]
+
+
+def save_encoder(encoder: AudioEncoder, path: Path) -> Path:
+    return EncoderFile(encoder, None).save(path)
+
+
+def results_of(out: Path) -> dict:
+    """results.json of the newest run under a task folder."""
+    return json.loads(latest_results(out).read_text())
 
 
 def run_options(shards: Path, out: Path) -> list[str]:
@@ -66,20 +73,25 @@ def quick(shards: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 speakers x 10 digits x takes 0-5 (takes 0-4 are the official test split)."""
-    root = tmp_path_factory.mktemp("fsdd_subset")
+def fsdd_subset(fsdd_dir: Path, root: Path, takes: int = 6) -> Path:
+    """Shards of `SPEAKERS` x 10 digits x takes 0..takes-1 (0-4 are the official test
+    split), written by data_prep's own shard writer; returns the shard folder."""
     recordings = root / "src" / "recordings"
     recordings.mkdir(parents=True)
     for speaker in SPEAKERS:
         for digit in range(10):
-            for take in range(6):
+            for take in range(takes):
                 name = f"{digit}_{speaker}_{take}.wav"
                 shutil.copy(fsdd_dir / "recordings" / name, recordings / name)
     out = root / "shards"
     write_shards(prepare("fsdd", root / "src", out), out, stats_clips=60)
     return out
+
+
+@pytest.fixture(scope="module")
+def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 speakers x 10 digits x takes 0-5: 150 test clips, 30 training clips."""
+    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +227,8 @@ def test_checkpoint_of_another_size_or_family_stops_the_run_naming_both(
     asked: dict,
     message: str,
 ) -> None:
-    spec = dict(stored)
-    family, size = spec.pop("family"), spec.pop("size")
     encoder = save_encoder(
-        AudioEncoder(EncoderConfig.preset(family, size, **spec, input_frames=64)),
-        tmp_path / "encoder.pt",
+        AudioEncoder(EncoderConfig(**stored, input_frames=64)), tmp_path / "encoder.pt"
     )
     options = [*run_options(subset_shards, tmp_path / "run"), f"--model.init={encoder}"]
 
@@ -236,7 +245,7 @@ def test_checkpoint_of_another_size_or_family_stops_the_run_naming_both(
 def test_official_split_run_tests_the_epoch_chosen_on_held_out_training_clips(
     finetuned: Path,
 ) -> None:
-    results = json.loads((finetuned / "results.json").read_text())
+    results = results_of(finetuned)
 
     assert results["task"] == "fsdd" and results["metric"] == "acc"
     assert results["folds"] is None and results["std"] == 0.0
@@ -258,7 +267,7 @@ def test_loso_folds_test_each_speaker_and_report_mean_and_std(
 
     assert finetune_main(["--config", str(FSDD_LOSO), *options]) == 0
 
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     folds = results["folds"]
     assert list(folds) == ["george", "theo"]
     assert results["mean"] == pytest.approx(statistics.fmean(folds.values()))
@@ -271,7 +280,7 @@ def test_loso_folds_test_each_speaker_and_report_mean_and_std(
 def test_evaluate_prints_a_table_and_rescores_the_finetuned_checkpoint(
     finetuned: Path, subset_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    trained = json.loads((finetuned / "results.json").read_text())
+    trained = results_of(finetuned)
     ckpt = trained["checkpoint"]["-"]
     options = [f"--data.shards={subset_shards}", "--trainer.enable_progress_bar=false"]
 
@@ -290,10 +299,8 @@ def test_evaluate_prints_a_table_and_rescores_the_finetuned_checkpoint(
 def test_evaluate_refuses_an_encoder_without_a_classification_head(
     subset_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = {k: v for k, v in SMALL.items() if k not in ("family", "size")}
     encoder = save_encoder(
-        AudioEncoder(EncoderConfig.preset("ssamba", "tiny", **spec, input_frames=64)),
-        tmp_path / "encoder.pt",
+        AudioEncoder(EncoderConfig(**SMALL, input_frames=64)), tmp_path / "encoder.pt"
     )
 
     code = evaluate_main(
@@ -330,12 +337,12 @@ def test_fsdd_pretrain_then_finetune_reaches_90_percent_and_loso_reports_folds(
     official = tmp_path / "official"
     options = [*run_options(fsdd_shards, official), f"--model.init={encoder}"]
     assert finetune_main(["--config", str(FSDD), *options]) == 0
-    results = json.loads((official / "results.json").read_text())
+    results = results_of(official)
     assert results["value"] >= 0.90, results
 
     loso = tmp_path / "loso"
     options = [*run_options(fsdd_shards, loso), f"--model.init={encoder}", *E2E_LOSO]
     assert finetune_main(["--config", str(FSDD_LOSO), *options, "--folds", "george,theo"]) == 0
-    results = json.loads((loso / "results.json").read_text())
+    results = results_of(loso)
     assert list(results["folds"]) == ["george", "theo"]
     assert results["std"] == pytest.approx(statistics.stdev(results["folds"].values()))

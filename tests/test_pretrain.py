@@ -27,13 +27,15 @@ from test_datamodules import fsdd_clips, write_shard_folder
 from ssamba.audio import load_audio
 from ssamba.demo import pretrain_data_args
 from ssamba.features import FbankConfig, wav_to_fbank
+from ssamba.models.encoder import EncoderConfig
 from ssamba.tasks import pretrain_cli
 from ssamba.tasks.masking import make_mask
-from ssamba.tasks.pretrain import PlateauScale, PretrainTask, info_nce
+from ssamba.tasks.pretrain import PretrainTask, info_nce
+from ssamba.tasks.schedules import PlateauScale
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
-TINY = {"family": "ssamba", "size": "tiny", "depth": 2, "embed_dim": 64}
+TINY = EncoderConfig(family="ssamba", depth=2, embed_dim=64)
 # The recipe with a tiny-but-real encoder: 2 bidirectional Mamba layers (one flipped pair)
 # of width 64 over the recipe's 8 x 4 patch grid; ~140 k parameters with the heads.
 TINY_ARGS = ["--model.encoder.depth=2", "--model.encoder.embed_dim=64"]
@@ -47,21 +49,28 @@ def direct_info_nce(
 
     "original" (the released SSAST code): for target i, a softmax over the predictions.
     "paper" (SSAST equation 1): for prediction i, a softmax over the candidate targets.
-    Accuracy: prediction i is right when target i scores highest among the targets.
+    Accuracy as the originals compute it, `argmax(softmax(total, dim=-1), dim=0) == arange`:
+    each row t of the scores is turned into probabilities over the predictions; prediction
+    i is right when its own target has the highest probability in column i. Raw accuracy:
+    prediction i is right when target i has the highest raw score in column i.
     """
     batch, masked, _ = preds.shape
-    loss, hits = 0.0, 0
+    loss, hits, raw_hits = 0.0, 0, 0
     for b in range(batch):
         score = [
             [float(targets[b, t] @ preds[b, p]) / temperature for p in range(masked)]
             for t in range(masked)
         ]
+        probs = [[math.exp(v) / sum(math.exp(w) for w in row) for v in row] for row in score]
         for i in range(masked):
             row = score[i] if axis == "original" else [score[t][i] for t in range(masked)]
             loss -= row[i] - math.log(sum(math.exp(v) for v in row))
-            column = [score[t][i] for t in range(masked)]
+            column = [probs[t][i] for t in range(masked)]
             hits += column.index(max(column)) == i
-    return loss / (batch * masked), hits / (batch * masked)
+            raw_column = [score[t][i] for t in range(masked)]
+            raw_hits += raw_column.index(max(raw_column)) == i
+    count = batch * masked
+    return loss / count, hits / count, raw_hits / count
 
 
 @pytest.mark.parametrize("axis", ["original", "paper"])
@@ -71,11 +80,28 @@ def test_info_nce_is_a_log_softmax_over_the_documented_axis(axis, temperature):
     preds = torch.randn(3, 5, 4, generator=generator)
     targets = torch.randn(3, 5, 4, generator=generator)
 
-    loss, accuracy = info_nce(preds, targets, axis, temperature)
+    loss, accuracy, raw_accuracy = info_nce(preds, targets, axis, temperature)
 
-    expected_loss, expected_accuracy = direct_info_nce(preds, targets, axis, temperature)
-    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
-    assert float(accuracy) == pytest.approx(expected_accuracy)
+    expected = direct_info_nce(preds, targets, axis, temperature)
+    assert float(loss) == pytest.approx(expected[0], rel=1e-5)
+    assert float(accuracy) == pytest.approx(expected[1])
+    assert float(raw_accuracy) == pytest.approx(expected[2])
+
+
+def test_the_originals_masked_accuracy_is_not_the_raw_score_argmax():
+    # Row-wise softmax, then the argmax down each column, picks other targets than the
+    # argmax of the raw scores whenever rows differ in scale, as on real MSPM tensors.
+    generator = torch.Generator().manual_seed(4)
+    preds = torch.randn(8, 20, 4, generator=generator)
+    targets = preds + torch.randn(8, 20, 4, generator=generator)
+
+    _, accuracy, raw_accuracy = info_nce(preds, targets, "original")
+
+    _, expected, expected_raw = direct_info_nce(preds, targets, "original", 1.0)
+    assert float(accuracy) == pytest.approx(expected) and float(raw_accuracy) == pytest.approx(
+        expected_raw
+    )
+    assert abs(float(accuracy) - float(raw_accuracy)) > 0.02
 
 
 def test_the_two_axes_differ_when_scores_are_not_symmetric():
@@ -83,8 +109,8 @@ def test_the_two_axes_differ_when_scores_are_not_symmetric():
     targets = torch.randn(2, 6, 8, generator=generator)
     preds = targets @ torch.randn(8, 8, generator=generator)  # scores t.Rp are not symmetric
 
-    original, _ = info_nce(preds, targets, "original")
-    paper, _ = info_nce(preds, targets, "paper")
+    original = info_nce(preds, targets, "original")[0]
+    paper = info_nce(preds, targets, "paper")[0]
     assert abs(float(original - paper)) > 1e-3
 
 
@@ -97,7 +123,7 @@ def test_temperature_sharpens_the_softmax():
     assert losses == sorted(losses, reverse=True)
     assert losses[0] == pytest.approx(math.log(4), rel=0.01)  # hot: close to uniform
     assert losses[-1] < 1e-6  # cold: all mass on the own patch
-    scaled, _ = info_nce(preds / 0.1, targets, "original", 1.0)
+    scaled = info_nce(preds / 0.1, targets, "original", 1.0)[0]
     assert float(scaled) == pytest.approx(losses[2], rel=1e-6)
 
 
@@ -105,8 +131,8 @@ def test_accuracy_counts_predictions_whose_best_target_is_their_own_patch():
     targets = torch.eye(4).unsqueeze(0)
     preds = targets[:, [0, 1, 3, 2]]  # positions 2 and 3 predict each other's patch
 
-    _, accuracy = info_nce(preds, targets, "original")
-    assert float(accuracy) == 0.5
+    _, accuracy, raw_accuracy = info_nce(preds, targets, "original")
+    assert float(accuracy) == float(raw_accuracy) == 0.5
 
 
 # ------------------------------------------------------------------------ schedule
@@ -129,19 +155,23 @@ def test_plateau_scale_follows_torch_reduce_lr_on_plateau():
 
 def _tiny_task(**kwargs) -> PretrainTask:
     kwargs = {"input_frames": 64, "n_masked": 10, "cluster_sizes": (2, 3), **kwargs}
-    return PretrainTask(dict(TINY), **kwargs)
+    return PretrainTask(TINY, **kwargs)
+
+
+def lr_at(task: PretrainTask, step: int) -> float:
+    return task.hparams.lr * task.lr_factor(step)
 
 
 def test_learning_rate_warms_up_then_follows_the_plateau_scale():
     task = _tiny_task(lr=1e-3, warmup_steps=10, schedule="plateau")
 
-    assert task.lr_at(0) == pytest.approx(1e-4)
-    assert task.lr_at(4) == pytest.approx(5e-4)
-    assert task.lr_at(9) == pytest.approx(1e-3)
-    assert task.lr_at(500) == pytest.approx(1e-3)
+    assert lr_at(task, 0) == pytest.approx(1e-4)
+    assert lr_at(task, 4) == pytest.approx(5e-4)
+    assert lr_at(task, 9) == pytest.approx(1e-3)
+    assert lr_at(task, 500) == pytest.approx(1e-3)
     task.plateau.scale = 0.25
-    assert task.lr_at(500) == pytest.approx(2.5e-4)
-    assert task.lr_at(4) == pytest.approx(1.25e-4)
+    assert lr_at(task, 500) == pytest.approx(2.5e-4)
+    assert lr_at(task, 4) == pytest.approx(1.25e-4)
 
 
 def test_cosine_schedule_decays_from_the_peak_to_min_lr_at_max_steps():
@@ -149,7 +179,7 @@ def test_cosine_schedule_decays_from_the_peak_to_min_lr_at_max_steps():
 
     task = _tiny_task(lr=1e-3, warmup_steps=10, schedule="cosine", min_lr=1e-5)
     task.trainer = Trainer(max_steps=110, logger=False, enable_checkpointing=False)
-    rates = [task.lr_at(step) for step in range(120)]
+    rates = [lr_at(task, step) for step in range(120)]
 
     assert rates[9] == pytest.approx(1e-3)
     assert rates[60] == pytest.approx((1e-3 + 1e-5) / 2)
@@ -225,7 +255,7 @@ def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank, singl
 
 def test_validation_masks_default_to_400_of_512_patches():
     assert _tiny_task().hparams.n_masked_val == round(400 / 512 * 32)
-    assert PretrainTask(dict(TINY), input_frames=1024).hparams.n_masked_val == 400
+    assert PretrainTask(TINY, input_frames=1024).hparams.n_masked_val == 400
 
 
 # ------------------------------------------------------------------------ bad recipes
@@ -284,7 +314,10 @@ def test_encoder_options_edit_the_recipe_piece_and_the_config_shows_the_result(c
 
     config = yaml.safe_load(capsys.readouterr().out)
     assert code == 0
-    assert config["model"]["encoder"] == TINY  # the piece's family/size kept, two fields set
+    encoder = config["model"]["encoder"]
+    assert (encoder["family"], encoder["depth"], encoder["embed_dim"]) == ("ssamba", 2, 64)
+    # the piece's family kept, two fields set, the rest left to the family's defaults
+    assert encoder["drop_path_rate"] is None and EncoderConfig(**encoder).drop_path_rate == 0.1
 
 
 # ------------------------------------------------------------------------ end to end
@@ -408,8 +441,8 @@ def test_fsdd_run_learns_logs_keeps_the_best_checkpoint_and_exports_the_encoder(
 import sys
 sys.modules["lightning"] = sys.modules["pytorch_lightning"] = None  # importing them fails
 import torch
-from ssamba.models.checkpoints import load_encoder
-encoder = load_encoder({str(encoder_file)!r}).eval()
+from ssamba.models.encoder_file import load_encoder_file
+encoder = load_encoder_file({str(encoder_file)!r}).encoder.eval()
 expected = torch.load({str(tmp_path / "expected.pt")!r})
 state = encoder.state_dict()
 assert state.keys() == expected.keys()

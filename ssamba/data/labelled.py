@@ -31,12 +31,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from data_prep.manifest import LABELS_NAME, read_labels
 from ssamba.data.loader import FiniteLoader, distributed_rank_world, make_loader, rank_batches
+from ssamba.data.shard_format import LABELS_NAME, read_labels
 from ssamba.data.shards import ClipRef, SkipCounter, catalogue, list_shards
 from ssamba.data.streams import Clip, ClipBatches
 from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
-from ssamba.features import FbankConfig, mix_targets, mix_waves, sample_mixup_lambda
+from ssamba.features import FbankConfig, PadMode, mix_targets, mix_waves, sample_mixup_lambda
 
 Subset = Literal["train", "val", "test"]
 STAGE_SUBSETS: dict[str, tuple[Subset, ...]] = {
@@ -134,7 +134,10 @@ class LabelledDataModule(L.LightningDataModule):
         train_filter: dict[str, Any] | None = None,
         multi_label: bool | None = None,
         target_length: int = 1024,
+        pad: PadMode = "zeros",
         num_mel_bins: int = 128,
+        features: Literal["fbank", "mfcc"] = "fbank",
+        num_ceps: int = 40,
         stats: str | tuple[float, float] = "shards",
         train_crop: CropPosition = "random",
         eval_crop: CropPosition = "start",
@@ -143,6 +146,8 @@ class LabelledDataModule(L.LightningDataModule):
         noise: bool = False,
         mixup: float = 0.0,
         mixup_alpha: float = 10.0,
+        labels_per_class: int | None = None,
+        budget_seed: int = 0,
         seed: int = 0,
     ) -> None:
         """
@@ -169,7 +174,14 @@ class LabelledDataModule(L.LightningDataModule):
                 label index. None: multi-label if any clip has more than one label.
             target_length: frames per example (ESC-50 512, Speech Commands 128,
                 AudioSet 1024); clips are cropped or zero-padded to it.
+            pad: how clips shorter than `target_length` are filled: "zeros" in the raw
+                log-mel domain (the originals: loud broadband after normalisation) or
+                "floor" (each mel bin's quietest value in the clip, i.e. its silence);
+                use the padding the encoder was pretrained with.
             num_mel_bins: mel bins of the Kaldi filterbank.
+            features: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps`
+                Kaldi MFCCs over the same frames; the encoder then reads `num_ceps` bins).
+            num_ceps: MFCC coefficients per frame.
             stats: filterbank normalisation: "shards" (stats.json of `shards`), a
                 published dataset name ("esc50", "speechcommands", "asli", ...; needed to
                 match official checkpoints) or [mean, std].
@@ -181,6 +193,12 @@ class LabelledDataModule(L.LightningDataModule):
             mixup: probability that a training clip is mixed with another (waveforms and
                 targets; SC v2 uses 0.6, AS-20K 0.5).
             mixup_alpha: Beta(alpha, alpha) of the mixing weight (the originals: 10).
+            labels_per_class: train on only this many clips of each class (single-label
+                data), for label-efficiency studies; None: every training clip. The clips
+                are the first k of each class in an order drawn from `budget_seed` and the
+                clip ids alone, so every model trained with the same seed sees the same
+                clips, and a smaller budget is a subset of a larger one.
+            budget_seed: seed of that draw.
             seed: base seed of shuffling, crops and mixup.
         """
         super().__init__()
@@ -191,13 +209,14 @@ class LabelledDataModule(L.LightningDataModule):
             )
         if not 0.0 <= mixup <= 1.0:
             raise ValueError(f"mixup: a probability in [0, 1], got {mixup}")
+        if labels_per_class is not None and labels_per_class < 1:
+            raise ValueError(f"labels_per_class: at least 1 clip per class, got {labels_per_class}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction: a share in [0, 1), got {val_fraction}")
-        if val_fraction and (val_filter is not None or (fold is not None and val_fold)):
+        if val_fraction and val_filter is not None:
             raise ValueError(
                 "val_fraction: give one validation set: val_fraction, val_filter or "
-                f"val_fold (got val_fraction {val_fraction}, val_filter {val_filter}, "
-                f"val_fold {val_fold if fold is not None else None})"
+                f"val_fold (got val_fraction {val_fraction}, val_filter {val_filter})"
             )
         self.shard_list = list_shards(shards)
         labels_csv = Path(shards) / LABELS_NAME
@@ -210,7 +229,10 @@ class LabelledDataModule(L.LightningDataModule):
         mean, std = normalisation_stats(stats, shards)
         self.fbank = FbankConfig(
             target_length=target_length,
+            pad=pad,
             num_mel_bins=num_mel_bins,
+            kind=features,
+            num_ceps=num_ceps,
             mean=mean,
             std=std,
             freqm=freqm,
@@ -345,7 +367,12 @@ class LabelledDataModule(L.LightningDataModule):
     def _assign(self, clips: list[ClipRef]) -> tuple[dict[str, list[ClipRef]], dict[str, Any]]:
         """(clips per subset, predicate per subset); a None predicate = subset not configured."""
         hp = self.hparams
-        test, val = self._eval_predicates(clips)
+        test, val = self._eval_predicates(clips)  # checks that a given fold exists
+        if hp.val_fraction and hp.fold is not None and hp.val_fold:
+            raise ValueError(
+                "val_fraction: give one validation set: val_fraction, val_filter or "
+                f"val_fold (got val_fraction {hp.val_fraction}, val_fold {hp.val_fold})"
+            )
         test_clips = [c for c in clips if test is not None and matches(c.meta, test)]
         in_test = {id(c) for c in test_clips}
         pool = [
@@ -367,12 +394,39 @@ class LabelledDataModule(L.LightningDataModule):
             "val": val,
             "train": hp.train_filter if hp.train_filter is not None else "not val or test",
         }
-        subsets = {
-            "test": test_clips,
-            "val": val_clips,
-            "train": [c for c in pool if id(c) not in in_val],
-        }
+        train = [c for c in pool if id(c) not in in_val]
+        if hp.labels_per_class is not None:
+            train = self._label_budget(train, hp.labels_per_class)
+            predicates["train"] = f"{predicates['train']}, {hp.labels_per_class} per class"
+        subsets = {"test": test_clips, "val": val_clips, "train": train}
         return subsets, predicates
+
+    def _label_budget(self, clips: list[ClipRef], per_class: int) -> list[ClipRef]:
+        """The first `per_class` clips of each class in a seeded order of their ids."""
+        by_class: dict[str, list[ClipRef]] = {label: [] for label in self.class_index}
+        for clip in clips:
+            labels = clip.meta.get("labels", [])
+            if len(labels) != 1:
+                raise ValueError(
+                    f"labels_per_class: needs single-label clips; clip {clip.meta['id']!r} "
+                    f"has labels {labels}"
+                )
+            by_class[labels[0]].append(clip)
+        short = {label: len(c) for label, c in by_class.items() if len(c) < per_class}
+        if short:
+            raise ValueError(
+                f"labels_per_class={per_class}: classes with fewer training clips: "
+                + ", ".join(f"{label!r} ({n})" for label, n in sorted(short.items()))
+            )
+        seed = self.hparams.budget_seed
+
+        def order(clip: ClipRef) -> str:
+            return hashlib.sha256(f"{seed}:{_clip_id(clip)}".encode()).hexdigest()
+
+        chosen = {
+            id(c) for group in by_class.values() for c in sorted(group, key=order)[:per_class]
+        }
+        return [c for c in clips if id(c) in chosen]
 
     def _eval_predicates(
         self, clips: list[ClipRef]

@@ -1,7 +1,7 @@
 """`PretrainDataModule`: endless, weighted, DDP-safe filterbank batches for MSPM pretraining.
 
-SSAST/SSAMBA pretrain on AudioSet-2M + LibriSpeech-960 (REFERENCE.md C). Here each corpus
-is a shard folder with a mixing weight; every (rank, worker) resamples shards with its own
+SSAST/SSAMBA pretrain on AudioSet-2M + LibriSpeech-960 (docs/originals.md#pretraining-data).
+Here each corpus is a shard folder with a mixing weight; every (rank, worker) resamples shards with its own
 seed, so an epoch is simply `steps_per_epoch` batches on every rank (no rank runs dry, DDP
 never waits), and validation is a finite, ordered pass over a held-out shard set for the
 masked-patch accuracy.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import lightning as L
 
@@ -33,7 +33,7 @@ from ssamba.data.loader import (
 from ssamba.data.shards import Shard, SkipCounter, catalogue, list_shards
 from ssamba.data.streams import Clip, ClipBatches, MixedShardStream, derive_seed
 from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
-from ssamba.features import FbankConfig
+from ssamba.features import FbankConfig, PadMode
 
 
 class ShardSource(TypedDict):
@@ -87,7 +87,10 @@ class PretrainDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         target_length: int = 1024,
         num_mel_bins: int = 128,
+        features: Literal["fbank", "mfcc"] = "fbank",
+        num_ceps: int = 40,
         stats: str | tuple[float, float] = "asli",
+        pad: PadMode = "zeros",
         seed: int = 0,
     ) -> None:
         """
@@ -108,9 +111,15 @@ class PretrainDataModule(L.LightningDataModule):
             target_length: frames per example; longer clips are cropped at a random frame,
                 shorter ones zero-padded (1024 = 10.24 s, the originals' setting).
             num_mel_bins: mel bins of the Kaldi filterbank.
+            features: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps`
+                Kaldi MFCCs over the same frames; the encoder then reads `num_ceps` bins).
+            num_ceps: MFCC coefficients per frame.
             stats: filterbank normalisation: a published dataset name ("asli" = the
                 AudioSet+LibriSpeech values of SSAST/SSAMBA), "shards" (stats.json of the
                 single source) or [mean, std].
+            pad: how clips shorter than `target_length` are filled: "zeros" (the
+                originals: log-mel 0, loud after normalisation) or "floor" (each bin's
+                quietest value in the clip); saved with the exported encoder's features.
             seed: base seed of shard draws, mixing and shuffling (each rank and worker
                 derives its own).
         """
@@ -131,7 +140,13 @@ class PretrainDataModule(L.LightningDataModule):
         single = sources[0]["shards"] if len(sources) == 1 else None
         mean, std = normalisation_stats(stats, single)
         self.fbank = FbankConfig(
-            target_length=target_length, num_mel_bins=num_mel_bins, mean=mean, std=std
+            target_length=target_length,
+            num_mel_bins=num_mel_bins,
+            kind=features,
+            num_ceps=num_ceps,
+            mean=mean,
+            std=std,
+            pad=pad,
         )
         self.train_counter = SkipCounter(num_workers)
         self.val_counter = SkipCounter(num_workers)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from ssamba.data.shards import read_stats
+from ssamba.data.shard_format import fbank_stats
 from ssamba.features import DATASET_STATS, FbankConfig, clip_features
 
 CropPosition = Literal["random", "start", "center"]
@@ -73,7 +73,7 @@ def normalisation_stats(
 ) -> tuple[float, float]:
     """(mean, std) for `FbankConfig` from a recipe's `stats` value.
 
-    "shards": the stats.json data_prep measured for `shard_folder`; a `DATASET_STATS` name
+    "shards": the stats.json the shard writer measured for `shard_folder`; a `DATASET_STATS` name
     ("asli", "esc50", ...): the originals' published values (needed to reuse their
     checkpoints); a [mean, std] pair: as given.
     """
@@ -83,7 +83,7 @@ def normalisation_stats(
     if stats == "shards":
         if shard_folder is None:
             raise ValueError('stats: "shards" needs a single shard folder; name a dataset instead')
-        return read_stats(shard_folder)
+        return fbank_stats(shard_folder)
     if stats not in DATASET_STATS:
         raise ValueError(
             f'stats: {stats!r} is not "shards", [mean, std] or one of {sorted(DATASET_STATS)}'

@@ -4,9 +4,9 @@ One LightningModule for every downstream recipe (ESC-50, Speech Commands, AudioS
 FSDD, ...): the recipe YAML picks the initial weights, the input adaptation, the loss,
 the metric that selects the checkpoint and the learning-rate schedule.
 
-The flow, with the originals' settings as defaults (REFERENCE.md D, SSAMBA `traintest.py`):
+The flow, with the originals' settings as defaults (docs/originals.md#fine-tuning):
 
-    init (encoder file | Lightning .ckpt | official .pth | random)
+    init (any file `load_encoder_file` reads | random weights of `model.encoder`)
       -> encoder.resize_input(input_frames, stride)       # e.g. 16 -> 10 overlap, same conv
       -> forward_features -> pool (mean over patches | cls) -> mlp_head = LayerNorm + Linear
       -> CE (soft targets, so mixup is exact) or BCE (multi-label, and Speech Commands)
@@ -16,201 +16,75 @@ Deliberate differences from the originals, each documented where it happens:
   the originals truncates mixed labels to zero.
 - Validation loss uses the training loss on logits (the originals applied it to sigmoid
   outputs).
-- The warm-up is linear per step instead of a staircase updated every 50 steps.
+- The warm-up is linear per step by default (`warmup: staircase` is the originals').
+
+`mode: adapter` (with an `adapter:` section, `ssamba.models.adapters.AdapterConfig`)
+freezes the encoder and trains adapters or LoRA plus the head; its result is an adapter
+file (`adapters.pt` beside the run's `encoder.pt`: adapters, head, labels and the base
+encoder's path and weights checksum), which `load_adapter_file` puts back on that encoder.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import Path_fr
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from ssamba.models.checkpoints import encoder_from_lightning, load_encoder, load_official
+from ssamba.features import FbankConfig
+from ssamba.models.adapters import (
+    AdapterConfig,
+    parameter_counts,
+    save_adapter_file,
+    weights_sha256,
+)
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.tasks.cli_common import read_yaml_piece
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file
+from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.metrics import classification_metrics, update_metrics
+from ssamba.tasks.schedules import Warmup, apply_lr, lr_factor
 
 RANDOM_INIT = (None, "", "none", "null", "random")
-ENCODER_FILE_FORMAT = "ssamba-encoder"
+ADAPTER_FILE = "adapters.pt"
+# Adapter mode moves these out of `encoder.*` in its checkpoints, so that the encoder
+# loader reads a checkpoint of it as the untouched base encoder (see on_save_checkpoint).
+_ADAPTERS_IN_MODEL, _ADAPTERS_IN_CKPT = "encoder.adapters.", "adapters."
+_HEAD_IN_MODEL, _HEAD_IN_CKPT = "mlp_head.", "adapter_head."
 
 
-# ---------------------------------------------------------------- initial weights
+def initial_encoder(init: str | None, encoder: EncoderConfig | None) -> EncoderFile:
+    """The encoder to fine-tune: read from `init` (any kind of checkpoint), or random.
 
-
-def encoder_from_spec(spec: Mapping[str, Any]) -> EncoderConfig:
-    """`{family, size, **overrides}` -> EncoderConfig (the recipe's `model.encoder`)."""
-    spec = dict(spec)
-    try:
-        family, size = spec.pop("family"), spec.pop("size")
-    except KeyError as missing:
-        raise ValueError(
-            f"model.encoder: needs 'family' and 'size' (e.g. {{family: ssamba, size: tiny}}), "
-            f"missing {missing}"
-        ) from None
-    return EncoderConfig.preset(family, size, **spec)
-
-
-def load_init(path: str | Path) -> tuple[AudioEncoder, dict[str, torch.Tensor]]:
-    """Encoder and any classification head stored in `path`, whatever wrote it.
-
-    Accepts our exported encoder file, a Lightning `.ckpt` of the pretraining or the
-    fine-tuning task, and the official SSAMBA / SSAST / AuM `.pth` files (family told
-    from the key layout). Returns the encoder and the `mlp_head.*` tensors the file
-    holds (empty when it has no classification head).
+    With a file, `encoder` (if given) must describe the same architecture: the error names
+    every field that differs. Random init needs `encoder`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init: {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if path.suffix == ".ckpt":  # Lightning checkpoints may pickle more than tensors
-            return _with_mlp_head(*encoder_from_lightning(path))
-        raise ValueError(f"model.init: {path} is not a readable checkpoint ({err})") from err
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"model.init: {path} holds a {type(obj).__name__}, not a state dict")
-    if obj.get("format") == ENCODER_FILE_FORMAT:
-        return load_encoder(path), {}
-    state = obj.get("state_dict")
-    if isinstance(state, Mapping) and any(k.startswith("encoder.") for k in state):
-        return _with_mlp_head(*encoder_from_lightning(path))
-    return _with_mlp_head(*load_official(obj, family=None))
-
-
-def _with_mlp_head(
-    encoder: AudioEncoder, heads: Mapping[str, torch.Tensor]
-) -> tuple[AudioEncoder, dict[str, torch.Tensor]]:
-    """Keep only the `mlp_head.*` entries: pretraining heads play no part in fine-tuning."""
-    return encoder, {k: v for k, v in heads.items() if k.startswith("mlp_head.")}
-
-
-def check_architecture(loaded: EncoderConfig, requested: EncoderConfig, source: str) -> None:
-    """A checkpoint must hold the encoder the recipe asks for: same family, width, depth."""
-    fields = ("family", "embed_dim", "depth")
-    have = {f: getattr(loaded, f) for f in fields}
-    want = {f: getattr(requested, f) for f in fields}
-    if have != want:
-        raise ValueError(
-            f"model.init: {source} holds a {have['family']} encoder (embed_dim "
-            f"{have['embed_dim']}, depth {have['depth']}) but model.encoder asks for "
-            f"{want['family']} (embed_dim {want['embed_dim']}, depth {want['depth']})"
-        )
-
-
-def _local_path(piece: dict[str, Any] | Path_fr) -> dict[str, Any] | Path:
-    """A recipe path as an absolute Path: jsonargparse resolves it against the recipe's
-    folder, which `str()` would drop."""
-    return piece if isinstance(piece, Mapping) else Path(os.fspath(piece))
-
-
-# ---------------------------------------------------------------- learning-rate schedule
-
-
-def lr_factor(
-    step: int,
-    epoch: int,
-    *,
-    schedule: str,
-    warmup_steps: int,
-    decay_start: int,
-    decay_every: int,
-    decay_gamma: float,
-    total_steps: float = math.inf,
-) -> float:
-    """Multiplier of the base learning rate before optimizer step `step` in epoch `epoch`.
-
-    Both counters are 0-based. `multistep` is the originals' MultiStepLR stepped once per
-    epoch with milestones `range(decay_start, 1000, decay_every)`: during epoch `e` the
-    rate is `gamma ** #(milestones <= e)`. `cosine` decays from 1 to 0 over the steps
-    after warm-up. Warm-up multiplies linearly from 1/warmup_steps to 1.
-    """
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    if schedule == "constant":
-        return warm
-    if schedule == "multistep":
-        passed = 0 if epoch < decay_start else (epoch - decay_start) // decay_every + 1
-        return warm * decay_gamma**passed
-    if schedule == "cosine":
-        if not math.isfinite(total_steps):
+    if init in RANDOM_INIT:
+        if encoder is None:
             raise ValueError(
-                "model.schedule: cosine needs a known number of steps "
-                "(set trainer.max_steps, or trainer.max_epochs with a sized train loader)"
+                "model.encoder: required with random init (model.init null), e.g. "
+                "recipes/model/ssamba_tiny.yaml; to fine-tune a pretrained encoder, set "
+                "model.init to its file (encoder.pt, .ckpt or official .pth)"
             )
-        span = max(1.0, total_steps - warmup_steps)
-        progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"model.schedule: {schedule!r} is not multistep|cosine|constant")
-
-
-# ---------------------------------------------------------------- weight averaging
-
-
-class EpochWeightAveraging(Callback):
-    """Average of the model weights at the end of epochs `first_epoch..last_epoch`.
-
-    The AudioSet-20K recipe of SSAST/SSAMBA evaluates the uniform average of the epoch
-    snapshots 12..40 (`--wa_start 12 --wa_end 40`; epochs counted from 1, inclusive).
-    Rather than saving one file per epoch and reloading them, the running sum is kept in
-    memory (and in the checkpoint, so resuming keeps it). When training ends the average
-    replaces the weights and is saved to `averaged_path`, which the fine-tuning runner
-    then tests instead of the best-on-validation checkpoint.
-    """
-
-    def __init__(self, first_epoch: int, last_epoch: int, filename: str = "averaged.ckpt"):
-        if not 1 <= first_epoch <= last_epoch:
+        return EncoderFile(AudioEncoder(encoder), None, provenance={"kind": "random init"})
+    bundle = load_encoder_file(init)
+    if encoder is not None:
+        have = bundle.encoder.cfg
+        differences = have.architecture_differences(encoder)
+        if differences:
             raise ValueError(
-                f"model.weight_averaging: need 1 <= first <= last epoch, got "
-                f"[{first_epoch}, {last_epoch}]"
+                f"model.init: {init} holds a {have.family} encoder (embed_dim "
+                f"{have.embed_dim}, depth {have.depth}) but model.encoder asks for "
+                f"{encoder.family} (embed_dim {encoder.embed_dim}, depth {encoder.depth}); "
+                f"file vs recipe: {'; '.join(differences)}. Leave model.encoder unset to "
+                "use the file's"
             )
-        self.first_epoch, self.last_epoch, self.filename = first_epoch, last_epoch, filename
-        self.sum: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.averaged_path: str | None = None
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if not self.first_epoch <= epoch <= self.last_epoch:
-            return
-        for name, value in pl_module.state_dict().items():
-            value = value.detach().to("cpu", torch.float64 if value.is_floating_point() else None)
-            self.sum[name] = self.sum[name] + value if name in self.sum else value.clone()
-        self.count += 1
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.count == 0:
-            raise RuntimeError(
-                f"model.weight_averaging: training ended at epoch {trainer.current_epoch} "
-                f"before the averaging window [{self.first_epoch}, {self.last_epoch}] began"
-            )
-        reference = pl_module.state_dict()
-        averaged = {
-            name: (total / self.count if total.is_floating_point() else total).to(
-                reference[name].dtype
-            )
-            for name, total in self.sum.items()
-        }
-        pl_module.load_state_dict(averaged)
-        directory = Path(trainer.checkpoint_callback.dirpath or trainer.default_root_dir)
-        self.averaged_path = str(directory / self.filename)
-        trainer.save_checkpoint(self.averaged_path, weights_only=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sum": self.sum, "count": self.count}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sum, self.count = state_dict["sum"], state_dict["count"]
-
-
-# ---------------------------------------------------------------- the task
+    return bundle
 
 
 class ClassifyTask(LightningModule):
@@ -224,11 +98,12 @@ class ClassifyTask(LightningModule):
         self,
         num_classes: int,
         init: str | None = None,
-        encoder: dict[str, Any] | Path_fr | None = None,
+        encoder: EncoderConfig | None = None,
         input_frames: int | None = None,
         stride: int | list[int] | None = None,
         pooling: Literal["mean", "cls"] = "mean",
-        mode: Literal["finetune", "linear"] = "finetune",
+        mode: Literal["finetune", "linear", "adapter"] = "finetune",
+        adapter: AdapterConfig | None = None,
         multilabel: bool = False,
         loss: Literal["ce", "bce"] = "ce",
         metric: Literal["acc", "mAP"] = "acc",
@@ -239,6 +114,7 @@ class ClassifyTask(LightningModule):
         betas: tuple[float, float] = (0.95, 0.999),
         schedule: Literal["multistep", "cosine", "constant"] = "multistep",
         warmup_steps: int = 0,
+        warmup: Warmup = "linear",
         decay_start: int = 5,
         decay_every: int = 1,
         decay_gamma: float = 0.85,
@@ -247,20 +123,25 @@ class ClassifyTask(LightningModule):
         """
         Args:
             num_classes: Output classes; linked from `data.num_classes` by `ssamba finetune`.
-            init: Initial encoder weights: an exported encoder file, a Lightning `.ckpt` of
+            init: Initial encoder weights: an encoder file, a Lightning `.ckpt` of
                 pretraining or fine-tuning, an official SSAMBA/SSAST/AuM `.pth`, or
                 null/"random" for random weights built from `encoder`.
-            encoder: `{family, size, **EncoderConfig overrides}`, inline or a YAML file
-                (`recipes/model/*.yaml`). Required for random init; with a checkpoint it
-                is checked against what the file holds.
+            encoder: The encoder's configuration (inline or a YAML piece from
+                recipes/model/). Required for random init; with a checkpoint, leave it
+                unset (the file says) or it must match the file's architecture.
             input_frames: Fine-tuning input length in frames (target_length of the data);
                 null keeps the encoder's.
             stride: Patch stride (int or [freq, time]); 10 gives the originals' overlapping
                 fine-tuning patches. Conv weights are kept; the position embedding is resized.
             pooling: "mean" over patch tokens (the originals' ft_avgtok) or the "cls" token.
             mode: "finetune" trains everything; "linear" freezes the encoder (eval mode,
-                no gradients) and trains only the head.
-            multilabel: Clips may carry several labels (AudioSet): mAP only, no accuracy.
+                no gradients) and trains only the head; "adapter" freezes it too and
+                trains the adapters of `adapter` and the head.
+            adapter: with mode "adapter": kind (bottleneck|conv|lora), placement
+                (parallel|sequential), size (bottleneck width / LoRA rank), where
+                (mixer|mlp|both), scale_init, kernel_size (`AdapterConfig`).
+            multilabel: Clips may carry several labels (AudioSet): mAP only, no accuracy;
+                linked from `data.multi_label` by `ssamba finetune`.
             loss: "ce" (single-label; soft targets allowed) or "bce" (multi-label; the
                 originals also use it for Speech Commands).
             metric: "acc" or "mAP" on the validation data selects the checkpoint to test.
@@ -270,7 +151,8 @@ class ClassifyTask(LightningModule):
             weight_decay: 5e-7 as in the originals.
             betas: Adam betas; the originals use (0.95, 0.999).
             schedule: "multistep" (originals), "cosine" or "constant", after the warm-up.
-            warmup_steps: Linear warm-up steps (the originals use 1000 when warm-up is on).
+            warmup_steps: Warm-up steps (the originals use 1000 when warm-up is on).
+            warmup: "linear", or "staircase" as the originals (updated every 50 steps).
             decay_start: multistep: first milestone epoch (originals: lrscheduler_start).
             decay_every: multistep: epochs between milestones (lrscheduler_step).
             decay_gamma: multistep: factor per milestone (lrscheduler_decay).
@@ -279,74 +161,125 @@ class ClassifyTask(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        spec = None if encoder is None else read_yaml_piece(_local_path(encoder))
-        self.hparams.encoder = spec  # a plain dict, so checkpoints load with weights_only
+        # Plain data only, so checkpoints load with weights_only=True.
+        self.hparams.encoder = None if encoder is None else encoder.to_dict()
+        if isinstance(adapter, AdapterConfig):
+            self.hparams.adapter = adapter.to_dict()
+        if mode == "adapter" and init in RANDOM_INIT:
+            raise ValueError(
+                "model.mode adapter: needs a pretrained encoder file as model.init (the "
+                "adapter file refers to it by path and checksum); random init has none"
+            )
         if multilabel and metric == "acc":
             raise ValueError("model.metric: 'acc' is undefined for multi-label tasks; use mAP")
         if multilabel and loss == "ce":
             raise ValueError("model.loss: 'ce' needs single-label targets; use bce")
-        if mode not in ("finetune", "linear"):
-            raise ValueError(f"model.mode: {mode!r} is not finetune|linear")
-        self.encoder, head_state = self._build_encoder(init, spec, input_frames, stride)
-        dim = self.encoder.embed_dim
-        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
-        self.head_source = self._maybe_load_head(head_state, init)
-        if mode == "linear":
-            self.encoder.requires_grad_(False)
-            self.encoder.eval()
-        self.val_metrics = classification_metrics(num_classes, multilabel, "val/")
-        self.test_metrics = classification_metrics(num_classes, multilabel, "test/")
-
-    @staticmethod
-    def _build_encoder(
-        init: str | None,
-        spec: dict[str, Any] | None,
-        input_frames: int | None,
-        stride: int | list[int] | None,
-    ) -> tuple[AudioEncoder, dict[str, torch.Tensor]]:
-        requested = encoder_from_spec(spec) if spec else None
-        if init in RANDOM_INIT:
-            if requested is None:
-                raise ValueError(
-                    "model.encoder: required with random init (model.init null), "
-                    "e.g. {family: ssamba, size: tiny}; to fine-tune a pretrained encoder, "
-                    "set model.init to its file (encoder.pt, .ckpt or official .pth)"
-                )
-            encoder, heads = AudioEncoder(requested), {}
-        else:
-            encoder, heads = load_init(init)
-            if requested is not None:
-                check_architecture(encoder.cfg, requested, str(init))
+        bundle = initial_encoder(init, encoder)
+        self.encoder = bundle.encoder
+        # The base encoder as loaded (before any resize): what an adapter file refers to.
+        self.base_reference = (
+            {
+                "path": str(Path(str(init)).resolve()),
+                "sha256": weights_sha256(self.encoder),
+                "config": self.encoder.cfg.to_dict(),
+            }
+            if mode == "adapter"
+            else None
+        )
         if input_frames is not None or stride is not None:  # the originals' 16 -> 10 overlap
-            encoder.resize_input(
+            self.encoder.resize_input(
                 input_frames=input_frames,
                 stride=stride if stride is None or isinstance(stride, int) else tuple(stride),
             )
-        return encoder, heads
+        # The mask embedding only serves masked pretraining: a trainable parameter that no
+        # loss reaches would stop DDP ("parameters that were not used in producing the loss").
+        self.encoder.mask_embed.requires_grad_(False)
+        dim = self.encoder.embed_dim
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        self.head_source = self._maybe_load_head(bundle)
+        self.trained_features = bundle.features  # what the encoder was trained on, if known
+        if mode in ("linear", "adapter"):
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+        if mode == "adapter":
+            spec = adapter if isinstance(adapter, AdapterConfig) else AdapterConfig(**adapter or {})
+            self.encoder.add_adapters(spec)
+        elif adapter is not None:
+            raise ValueError(f"model.adapter: only used with mode adapter (mode is {mode!r})")
+        if mode != "finetune":
+            print(self.trainable_summary(), flush=True)
+        self.val_metrics = classification_metrics(num_classes, multilabel, "val/")
+        self.test_metrics = classification_metrics(num_classes, multilabel, "test/")
 
-    def _maybe_load_head(self, head_state: dict[str, torch.Tensor], init: str | None) -> str | None:
-        """Reuse a stored `mlp_head` when it fits this task (same classes); say where from."""
-        if not head_state:
+    def _maybe_load_head(self, bundle: EncoderFile) -> str | None:
+        """Reuse a stored head when it fits this task (same classes); say where from.
+
+        AuM's classifier is a bare Linear: it comes with an identity in place of the norm.
+        """
+        if not bundle.head:
             return None
+        if "0.weight" not in bundle.head:
+            self.mlp_head[0] = nn.Identity()
         own = self.mlp_head.state_dict()
-        stored = {k.removeprefix("mlp_head."): v for k, v in head_state.items()}
+        stored = bundle.head
         if stored.keys() != own.keys() or any(stored[k].shape != own[k].shape for k in own):
+            self.mlp_head[0] = nn.LayerNorm(self.encoder.embed_dim)
             return None
         self.mlp_head.load_state_dict(stored)
-        return str(init)
+        return str(bundle.provenance.get("source"))
+
+    def setup(self, stage: str) -> None:
+        """Refuse data whose features are not the encoder's (kind, bins, MFCC stats)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fbank = getattr(datamodule, "fbank", None)
+        if isinstance(fbank, FbankConfig):
+            stats = getattr(datamodule, "hparams", {}).get("stats")
+            check_features(fbank, self.trained_features, self.encoder.cfg.num_mel_bins, stats)
+
+    def trainable_share(self) -> dict[str, float]:
+        """Parameters: the base encoder's, the trainable ones of the encoder (adapters in
+        adapter mode), the head's, and `fraction` = trainable encoder / base encoder."""
+        counts = parameter_counts(self.encoder)
+        in_adapters = {id(p) for p in getattr(self.encoder, "adapters", nn.Module()).parameters()}
+        trainable = counts["adapters"] + sum(
+            p.numel()
+            for p in self.encoder.parameters()
+            if p.requires_grad and id(p) not in in_adapters
+        )
+        if self.hparams.mode == "linear":
+            trainable = 0
+        head = sum(p.numel() for p in self.mlp_head.parameters())
+        return {
+            "encoder_params": counts["encoder"],
+            "trainable_encoder_params": trainable,
+            "head_params": head,
+            "fraction": trainable / counts["encoder"],
+            "fraction_with_head": (trainable + head) / counts["encoder"],
+        }
+
+    def trainable_summary(self) -> str:
+        share = self.trainable_share()
+        what = f"adapters ({self.hparams.adapter})" if self.hparams.mode == "adapter" else "none"
+        return (
+            f"mode {self.hparams.mode}: trainable encoder parameters {what}: "
+            f"{share['trainable_encoder_params']:,} of {share['encoder_params']:,} "
+            f"({share['fraction']:.2%}); head {share['head_params']:,} "
+            f"(with head {share['fraction_with_head']:.2%})"
+        )
 
     # ------------------------------------------------------------ forward
 
     def train(self, mode: bool = True) -> ClassifyTask:
-        """Keep a frozen encoder in eval mode (no dropout / drop-path) while the head trains."""
+        """Keep a frozen encoder in eval mode (no dropout / drop-path) while the head (and
+        adapters, which have neither) train."""
         super().train(mode)
-        if self.hparams.mode == "linear":
+        if self.hparams.mode in ("linear", "adapter"):
             self.encoder.eval()
         return self
 
     def embed(self, fbank: torch.Tensor) -> torch.Tensor:
         """fbank: (batch, frames, mel_bins) -> pooled clip embedding (batch, dim)."""
-        with torch.set_grad_enabled(self.hparams.mode == "finetune" and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.hparams.mode != "linear" and torch.is_grad_enabled()):
             tokens = self.encoder.forward_features(fbank)
             return self.encoder.pool(tokens, self.hparams.pooling)
 
@@ -382,7 +315,13 @@ class ClassifyTask(LightningModule):
         fbank, target = self._checked_batch(batch)
         loss = self.loss(self(fbank), target)
         self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(target)
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(target),
+            sync_dist=True,  # the epoch mean over every process, as the metrics are
         )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return loss
@@ -392,7 +331,13 @@ class ClassifyTask(LightningModule):
         logits = self(fbank)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         update_metrics(metrics, logits, target)
-        self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=len(target))
+        self.log(
+            f"{stage}/loss",
+            self.loss(logits, target),
+            on_epoch=True,
+            batch_size=len(target),
+            sync_dist=True,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -408,12 +353,13 @@ class ClassifyTask(LightningModule):
 
         No torch scheduler: `on_train_batch_start` sets every group's rate from
         `lr_factor(global_step, current_epoch)`, a pure function of the two counters that
-        Lightning restores on resume, so no scheduler state can drift.
+        Lightning restores on resume (`ssamba.tasks.schedules`).
         """
         hp = self.hparams
         groups = [{"params": list(self.mlp_head.parameters()), "base_lr": hp.lr * hp.head_lr_mult}]
-        if hp.mode == "finetune":
-            groups.insert(0, {"params": list(self.encoder.parameters()), "base_lr": hp.lr})
+        if hp.mode != "linear":  # finetune: the encoder; adapter: its adapters only
+            trainable = [p for p in self.encoder.parameters() if p.requires_grad]
+            groups.insert(0, {"params": trainable, "base_lr": hp.lr})
         for group in groups:
             group["lr"] = group["base_lr"]
         cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
@@ -422,6 +368,15 @@ class ClassifyTask(LightningModule):
     def on_train_start(self) -> None:
         # Only the cosine schedule needs it; asking Lightning once is enough.
         self._total_steps = float(self.trainer.estimated_stepping_batches)
+        if self.logger is not None and self.hparams.mode != "finetune":
+            share = self.trainable_share()
+            self.logger.log_metrics(
+                {
+                    "trainable/fraction": share["fraction"],
+                    "trainable/params": share["trainable_encoder_params"],
+                },
+                step=0,
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
@@ -430,14 +385,13 @@ class ClassifyTask(LightningModule):
             self.current_epoch,
             schedule=hp.schedule,
             warmup_steps=hp.warmup_steps,
+            warmup=hp.warmup,
             decay_start=hp.decay_start,
             decay_every=hp.decay_every,
             decay_gamma=hp.decay_gamma,
-            total_steps=self._total_steps,
+            total_steps=getattr(self, "_total_steps", math.inf),
         )
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+        apply_lr(self.trainer.optimizers, factor)
 
     def configure_callbacks(self) -> list[Callback]:
         """Keep the best epoch on validation data (never test data); optional averaging."""
@@ -456,5 +410,100 @@ class ClassifyTask(LightningModule):
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the exact (resized) encoder config so the file rebuilds without `init`."""
+        """What the encoder loader needs to rebuild the classifier from the file alone: the
+        exact (resized) encoder config, the features the data module computes and the
+        class names in head order."""
         checkpoint["encoder_config"] = self.encoder.cfg.to_dict()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fbank = getattr(datamodule, "fbank", None)
+        if isinstance(fbank, FbankConfig):
+            checkpoint["features"] = fbank.for_inference().to_dict()
+        names = getattr(datamodule, "class_names", None)
+        if names is not None:
+            checkpoint["labels"] = list(names)
+        if self.hparams.mode == "adapter":
+            # The encoder loader then sees the frozen base encoder (no adapter keys, and no
+            # head that means nothing without the adapters); on_load_checkpoint undoes it.
+            checkpoint["state_dict"] = _move_keys(
+                checkpoint["state_dict"],
+                {_ADAPTERS_IN_MODEL: _ADAPTERS_IN_CKPT, _HEAD_IN_MODEL: _HEAD_IN_CKPT},
+            )
+            checkpoint["adapter_base"] = self.base_reference
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.mode == "adapter":
+            checkpoint["state_dict"] = _move_keys(
+                checkpoint["state_dict"],
+                {_ADAPTERS_IN_CKPT: _ADAPTERS_IN_MODEL, _HEAD_IN_CKPT: _HEAD_IN_MODEL},
+            )
+
+    def on_test_end(self) -> None:
+        """Adapter mode: write the tested adapters as an adapter file in the run's folder."""
+        if self.hparams.mode == "adapter" and self.trainer.is_global_zero:
+            path = self.save_adapter_file(Path(self.trainer.log_dir or ".") / ADAPTER_FILE)
+            print(f"adapter file: {path} (base encoder {self.base_reference['path']})")
+
+    def save_adapter_file(self, path: str | Path) -> Path:
+        """Adapters + head + labels + base reference (`ssamba.models.adapters`)."""
+        if self.hparams.mode != "adapter":
+            raise ValueError(f"save_adapter_file: mode is {self.hparams.mode!r}, not adapter")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        fbank = getattr(datamodule, "fbank", None)
+        names = getattr(datamodule, "class_names", None)
+        return save_adapter_file(
+            path,
+            self.encoder,
+            self.mlp_head.state_dict(),
+            self.base_reference,
+            labels=None if names is None else list(names),
+            features=fbank.for_inference().to_dict() if isinstance(fbank, FbankConfig) else None,
+            extra={"pooling": self.hparams.pooling},
+        )
+
+
+def check_features(
+    data: FbankConfig, trained: FbankConfig | None, encoder_bins: int, stats: Any = None
+) -> None:
+    """The data's features must be the kind and size the encoder reads (ValueError if not).
+
+    MFCC-grams need their own normalisation: `data.stats: shards` gives the filterbank
+    statistics of stats.json, which would scale MFCCs wrongly (`stats`: the data's setting).
+    """
+    if trained is not None and (trained.kind, trained.feature_dim) != (
+        data.kind,
+        data.feature_dim,
+    ):
+        raise ValueError(
+            f"model.init: the encoder was trained on {trained.kind} features "
+            f"({trained.feature_dim} per frame) but data gives {data.kind} "
+            f"({data.feature_dim}); set data.features {trained.kind}"
+            + (f" and data.num_ceps {trained.num_ceps}" if trained.kind == "mfcc" else "")
+        )
+    if data.feature_dim != encoder_bins:
+        raise ValueError(
+            f"data: {data.kind} features give {data.feature_dim} values per frame but the "
+            f"encoder reads {encoder_bins} (EncoderConfig.num_mel_bins); set "
+            + (
+                "model.encoder.num_mel_bins to data.num_ceps"
+                if data.kind == "mfcc"
+                else "them equal"
+            )
+        )
+    if data.kind == "mfcc" and stats == "shards":
+        raise ValueError(
+            "data.stats: 'shards' gives the filterbank mean/std of stats.json, not MFCC ones; "
+            "measure them (python -m data_prep stats --shards DIR --kind mfcc) and set "
+            "data.stats: [mean, std]"
+        )
+
+
+def _move_keys(state: Mapping[str, Any], moves: Mapping[str, str]) -> dict[str, Any]:
+    """The state dict with each key's prefix in `moves` replaced by its new prefix."""
+    out = {}
+    for key, value in state.items():
+        for old, new in moves.items():
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        out[key] = value
+    return out

@@ -8,9 +8,10 @@ LightningModule, their DataModule and the Trainer method they call, so each is
   interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
   ../data/asli.yaml]` (paths relative to the recipe) applies those files first, in order,
   then the recipe's own keys on top, key by key, like repeated `--config` options;
-- a setting typed `dict | YamlPiece` (e.g. `model.encoder: ../model/ssamba_tiny.yaml`) is
-  read into a dict while the recipe is parsed, so `--model.encoder.depth 2` edits the
-  piece instead of replacing it, and the saved config.yaml holds the merged values;
+- typed sub-configs (the dataclass `EncoderConfig` of `model.encoder`) take a YAML piece
+  (`model.encoder: ../model/ssamba_tiny.yaml`, relative to the recipe), and dotted
+  options (`--model.encoder.depth 2`) edit single fields of it, in every command alike;
+  `--print_config` prints the merged values, a recipe that runs as it is;
 - `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder *in that
   same folder*, so TensorBoard curves and checkpoints continue rather than fork; with no
   checkpoint yet it starts from scratch (as Lightning's own "last"), so a launcher that
@@ -18,78 +19,51 @@ LightningModule, their DataModule and the Trainer method they call, so each is
 - with `run_cli`, a bad recipe fails before any training step with one line naming the
   key or path and exit code 2 (unknown keys and mistyped values are rejected by
   jsonargparse; values the classes reject raise `ValueError` / `FileNotFoundError` from
-  their constructors).
+  their constructors, the Trainer a `MisconfigurationException`);
+- the run's config.yaml is written once training has started, and a `--ckpt_path` whose
+  weights do not fit the model (another encoder size) is refused before that, with one
+  line naming the tensors, so a resume that fails leaves the folder as it was;
+- `--trainer.logger false` without `trainer.default_root_dir` keeps the run's files in
+  `<default_root>/<recipe name>` rather than the current directory;
+- `--help` shows the command's description as written (examples one per line), and
+  Lightning's advertising tips and its notice that the task's own ModelCheckpoint
+  replaces the Trainer's default are not printed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
-from jsonargparse.typing import Path_fr, register_type
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import DefaultHelpFormatter
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 __all__ = [
+    "SETUP_ERRORS",
     "SsambaCLI",
-    "YamlPiece",
+    "check_resume",
     "expand_defaults",
     "find_last_checkpoint",
-    "read_yaml_piece",
+    "peek_checkpoint",
     "run_cli",
+    "setup_error_line",
 ]
+
+# What building a run from a recipe raises for bad input: reported in one line, exit 2.
+SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
 
 LAST = "last"
 DEFAULTS_KEY = "defaults"
 CONFIG_FLAGS = ("--config", "-c")
-
-
-def read_yaml_piece(piece: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """A setting given inline (dict) or as a YAML file (e.g. `encoder: ../model/ssamba_tiny.yaml`).
-
-    Type the argument `dict | Path_fr` and jsonargparse resolves a path written in a recipe
-    against the recipe's folder; `os.fspath` keeps that resolution (`str` would not).
-    """
-    if isinstance(piece, dict):
-        return dict(piece)
-    path = Path(os.fspath(piece))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: recipe piece not found")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-    return loaded
-
-
-class YamlPiece(str):
-    """Type of a setting given as the path of a YAML piece, read into a dict when parsed.
-
-    Annotate a parameter `dict[str, Any] | YamlPiece`: a path in a recipe is resolved
-    against the recipe's folder and replaced by the file's mapping at parse time, so later
-    dotted options (`--model.encoder.depth 2`) update that mapping key by key. Typed
-    `dict | Path_fr` instead, jsonargparse keeps the path and a dotted option replaces it
-    with a dict holding only the new key.
-    """
-
-
-def _read_piece_at_parse_time(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    try:
-        path = Path_fr(os.fspath(value))  # relative to the recipe being parsed
-    except TypeError as error:
-        raise ValueError(f"{value}: recipe piece not found ({error})") from error
-    return read_yaml_piece(path)
-
-
-register_type(YamlPiece, serializer=str, deserializer=_read_piece_at_parse_time)
 
 
 def recipe_pieces(recipe: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
@@ -128,13 +102,105 @@ def expand_defaults(argv: Sequence[str]) -> list[str]:
             continue
         for piece in recipe_pieces(path):
             expanded += [flag, str(piece)]
+        # The pieces are merged by now: a printed or saved config must not list them again
+        # (their paths are relative to recipes that a printed config no longer sits beside).
+        expanded += [f"--{DEFAULTS_KEY}=null"]
     return expanded
+
+
+class RecipeHelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults) with the description kept as written, so the
+    example command lines of a command's docstring stay one per line."""
+
+
+# Lightning's rank-zero notices that say nothing about the run: advertising for its cloud
+# services, and (once per fit and per test) that ClassifyTask's ModelCheckpoint replaces
+# the Trainer's default one, which is how every ssamba task keeps its checkpoints.
+QUIET_NOTICES = (
+    "💡 Tip:",
+    "The following callbacks returned in `LightningModule.configure_callbacks`",
+)
+
+
+def _not_a_quiet_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(QUIET_NOTICES)
+
+
+def quiet_lightning() -> None:
+    """Drop `QUIET_NOTICES` (idempotent); Lightning's other notices stay."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _not_a_quiet_notice not in logger.filters:
+            logger.addFilter(_not_a_quiet_notice)
+
+
+def setup_error_line(error: BaseException) -> str:
+    """One line for an error found while building a run, with what to do where we know."""
+    text = one_line(str(error))
+    if isinstance(error, MisconfigurationException):
+        text = f"trainer: {text}"
+        if "gpu" in text.lower() or "cuda" in text.lower():
+            text += " (no usable GPU here: pass --trainer.accelerator cpu, or auto)"
+    return text
+
+
+def peek_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's top-level dict, tensors memory-mapped rather than read (cheap even
+    for large files); None when it is missing or cannot be read this way."""
+    if not Path(path).is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, or not tensors only
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
+    """Refuse a checkpoint whose weights do not fit `model` before training starts (and
+    before config.yaml is rewritten), naming the tensors; Lightning would fail later,
+    with a traceback, after the run folder was touched. Keys are checked only where
+    Lightning's own restore is strict."""
+    payload = peek_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if payload is None:  # missing, or unreadable here: Lightning's restore reports it
+        return
+    stored = payload.get("state_dict")
+    if not isinstance(stored, dict):
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)")
+    own = model.state_dict()
+    problems = [
+        f"{key} {tuple(stored[key].shape)} in the checkpoint, {tuple(own[key].shape)} here"
+        for key in own
+        if key in stored and tuple(stored[key].shape) != tuple(own[key].shape)
+    ]
+    if getattr(model, "strict_loading", True):
+        problems += [f"{key} missing from the checkpoint" for key in own if key not in stored]
+        problems += [f"{key} not in this model" for key in stored if key not in own]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: its weights do not fit this model (trained with "
+            f"another encoder or task?): {'; '.join(problems[:3])}{more}"
+        )
 
 
 def find_last_checkpoint(run_root: Path) -> Path | None:
     """Newest `<run_root>/<version>/checkpoints/last.ckpt`, or None when nothing was saved."""
     candidates = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, writing once fitting has started rather than at setup:
+    a checkpoint restore that fails (a resume with another encoder) comes in between, and
+    must not leave a config.yaml that no checkpoint of the run matches."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
 
 
 class SsambaCLI(LightningCLI):
@@ -154,10 +220,15 @@ class SsambaCLI(LightningCLI):
         description: str,
         links: Iterable[tuple[str, str]] = (),
         exit_on_error: bool = True,
+        default_root: str | None = None,
     ) -> None:
         """`exit_on_error=False` raises `argparse.ArgumentError` for a bad recipe instead of
-        printing the whole usage and exiting (`run_cli` turns it into one line)."""
+        printing the whole usage and exiting (`run_cli` turns it into one line).
+        `default_root`: where a run without logger and `default_root_dir` keeps its files
+        (`<default_root>/<recipe name>`); None leaves Lightning's current directory."""
         self._links = list(links)
+        self._default_root = default_root
+        quiet_lightning()
         # "Seed set to 0" on stderr before every run (and before any recipe error): the
         # seed is in the saved config.yaml already.
         logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -167,12 +238,14 @@ class SsambaCLI(LightningCLI):
             args=list(args),
             run=False,
             auto_configure_optimizers=False,  # tasks own their optimiser and schedule
+            save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
             parser_kwargs={
                 "parser_mode": "omegaconf",
                 "prog": prog,
                 "description": description,
                 "exit_on_error": exit_on_error,
+                "formatter_class": RecipeHelpFormatter,
             },
         )
 
@@ -211,8 +284,22 @@ class SsambaCLI(LightningCLI):
             parser.link_arguments(source, target)
 
     def before_instantiate_classes(self) -> None:
-        if self.config.get("ckpt_path") == LAST:
+        self._keep_files_out_of_the_current_directory()
+        ckpt_path = self.config.get("ckpt_path")
+        if ckpt_path == LAST:
             self._resume_in_last_version()
+        elif ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path: {ckpt_path} does not exist")
+
+    def _keep_files_out_of_the_current_directory(self) -> None:
+        """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
+        under `default_root_dir`, by default the current directory."""
+        trainer = self.config.trainer
+        if self._default_root is None or trainer.get("logger") or trainer.get("default_root_dir"):
+            return
+        configs = self.config.get("config") or []
+        name = Path(str(configs[-1])).stem if configs else "run"
+        trainer.default_root_dir = str(Path(self._default_root) / name)
 
     def _resume_in_last_version(self) -> None:
         """Point the logger at the version folder holding the newest `last.ckpt`."""
@@ -246,6 +333,7 @@ def run_cli(
     description: str,
     trainer_fn: str = "fit",
     links: Iterable[tuple[str, str]] = (),
+    default_root: str | None = None,
 ) -> int:
     """Parse a recipe, build task + data + trainer, call `trainer.<trainer_fn>`; exit code.
 
@@ -263,11 +351,13 @@ def run_cli(
             description=description,
             links=links,
             exit_on_error=False,
+            default_root=default_root,
         )
+        check_resume(cli.model, cli.config.get("ckpt_path"))
     except SystemExit as exit_:  # --help and --print_config
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    except (ArgumentError, ValueError, FileNotFoundError) as error:
-        print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
+    except SETUP_ERRORS as error:
+        print(f"{prog}: error: {setup_error_line(error)}", file=sys.stderr)
         return 2
     getattr(cli.trainer, trainer_fn)(
         cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path")
@@ -279,7 +369,8 @@ def one_line(message: str) -> str:
     """A possibly multi-line parser message on one line (jsonargparse lists the reasons a
     value failed each type of a union on lines of their own)."""
     text = ""
-    for line in (line.strip(" -") for line in message.splitlines()):
+    for line in message.splitlines():
+        line = line.strip().removeprefix("- ").strip()  # a bullet, not an option's "--"
         if line:
             text += (" " if not text or text.endswith(":") else "; ") + line
     return text.strip()

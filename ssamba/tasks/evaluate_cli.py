@@ -1,26 +1,42 @@
 """`ssamba evaluate`: score a fine-tuned checkpoint on a recipe's test (or validation) data.
 
-    ssamba evaluate --ckpt runs/finetune/fsdd/.../best-epoch7.ckpt --config recipes/finetune/fsdd.yaml
+    ssamba evaluate --ckpt runs/finetune/fsdd/version_0/checkpoints/best-epoch7.ckpt \\
+        --config recipes/finetune/fsdd.yaml
     ssamba evaluate --ckpt ... --config recipes/finetune/esc50.yaml --data.fold 3 --split val
+    ssamba evaluate --ckpt ... --config ... --trainer.strategy ddp --trainer.devices 2
 
-The checkpoint (a `ssamba finetune` .ckpt) provides the encoder and the classification
-head; the recipe provides the data (any `--data.*` override applies) and the trainer.
-Prints a table and writes `results.json` (task, split, metric, value, all metrics,
-checkpoint, config hash) to `--out` (default: next to the checkpoint).
+The checkpoint (a `ssamba finetune` .ckpt, or the encoder.pt written beside it) provides
+the encoder and the classification head; the recipe provides the data (any `--data.*`
+override applies) and the trainer. Every clip is scored once over all processes. Prints
+a table and writes `results.json` (task, split, metric, value, all metrics, checkpoint,
+config hash) to `--out` (default: next to the checkpoint).
+
+Which options apply: `--ckpt`, `--split`, `--out`, `--task`, `--data.*` (the data to
+score: shards, fold, target_length, batch_size, ...) and the trainer's device options
+(`--trainer.accelerator`, `devices`, `strategy`, `num_nodes`, `precision`,
+`limit_test_batches`). The `--model.*` settings come from the checkpoint, and the
+Trainer's training options (max_epochs, callbacks, logger, ...) are read with the recipe
+but unused. A `--data.target_length` other than the checkpoint's input length is scored
+(the position embedding is resized) with a warning: the numbers are then not those of
+the trained model.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from argparse import ArgumentError
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from ssamba.tasks.cli_common import one_line
+from ssamba.tasks.cli_common import SETUP_ERRORS, peek_checkpoint, setup_error_line
 from ssamba.tasks.finetune_cli import ClassifyCLI, config_hash, task_name, write_results
 
 PROG = "ssamba evaluate"
+# Options of `ssamba finetune` that evaluating a checkpoint does not use: left out of
+# `--help` (`--folds` is still read, to refuse it with a line that says what to do).
+TRAINING_ONLY = ("ckpt_path", "folds", "cross_validation", "defaults")
 
 
 class EvaluateCLI(ClassifyCLI):
@@ -31,12 +47,19 @@ class EvaluateCLI(ClassifyCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt", type=str, required=True, help="Fine-tuned .ckpt to score.")
+        for action in parser._actions:
+            if action.dest in TRAINING_ONLY:
+                action.help = argparse.SUPPRESS
+        parser.add_argument(
+            "--ckpt",
+            type=str,
+            required=True,
+            help="Fine-tuned .ckpt (or its encoder.pt) to score.",
+        )
         parser.add_argument(
             "--split",
-            type=str,
+            type=Literal["test", "val"],
             default="test",
-            choices=["test", "val"],
             help="Which data of the recipe to score: test (default) or val.",
         )
         parser.add_argument(
@@ -47,9 +70,35 @@ class EvaluateCLI(ClassifyCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        if self.config.get("folds"):
+            raise ValueError(
+                "--folds: evaluate scores one checkpoint on one split; pick the fold's data "
+                f"with its config key ({(self.config.cross_validation or {}).get('key', 'data.*')})"
+                " and run evaluate once per fold's checkpoint"
+            )
         super().before_instantiate_classes()
+        trained = trained_input_frames(self.config.ckpt)
+        asked = self.config.data.get("target_length")
+        if trained is not None and asked is not None and asked != trained:
+            print(
+                f"{PROG}: warning: --data.target_length {asked} differs from the {trained} "
+                f"frames {self.config.ckpt} was trained on; its position embedding is "
+                f"resized, so the scores are not those of the trained model (pass "
+                f"--data.target_length {trained} to score it as trained)",
+                file=sys.stderr,
+            )
         self.config.model.init = self.config.ckpt
+        self.config.model.encoder = None  # the checkpoint says
         self.config.trainer.logger = False
+
+
+def trained_input_frames(ckpt: str) -> int | None:
+    """Input length (frames) of the encoder stored in a `.ckpt` or encoder file; None when
+    the file says nothing (or cannot be read here: the model's loader reports that)."""
+    payload = peek_checkpoint(ckpt) or {}
+    config = payload.get("encoder_config") or payload.get("config")
+    frames = config.get("input_frames") if isinstance(config, dict) else None
+    return int(frames) if isinstance(frames, int) else None
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
@@ -67,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         cli = EvaluateCLI(argv)
     except SystemExit as exit_:  # --help and --print_config
         return exit_.code if isinstance(exit_.code, int) else 2
-    except (ArgumentError, ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
+    except SETUP_ERRORS as error:
+        print(f"{PROG}: error: {setup_error_line(error)}", file=sys.stderr)
         return 2
     config, model, ckpt = cli.config, cli.model, cli.config.ckpt
     if model.head_source is None:
@@ -93,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(Path(ckpt).resolve()),
         "config_hash": config_hash(cli),
     }
+    if not cli.trainer.is_global_zero:  # every process scored its share; one writes
+        return 0
     path = write_results(results, Path(config.out) if config.out else Path(ckpt).parent)
     rows = [
         {"task": name, "split": split, "metric": k.split("/", 1)[1], "value": f"{v:.4f}"}

@@ -15,13 +15,25 @@ the run with one `ssamba finetune: error:` line and exit code 2.
 Each fold keeps the epoch that is best on its *validation* data, then tests that
 checkpoint once (the AudioSet-20K recipe tests its epoch-averaged weights instead).
 The originals picked ESC-50's epoch on the fold-averaged *test* accuracy, which
-overstates the result; we do not. `<trainer.default_root_dir>/results.json` then holds
-the task, metric, per-fold test values, mean, std (ddof=1), how the checkpoint was
-selected, the checkpoints tested, the clips per subset and the config hash.
+overstates the result; we do not. A run that ends before its first validation (a short
+`--trainer.max_steps`) tests its last weights, and `selection` in results.json says so.
+Each fold's tested checkpoint is also written as an encoder file with its head and
+labels (`encoder.pt` beside the checkpoints).
+
+Several processes: `--trainer.strategy ddp --trainer.devices N` (gloo on CPU). Each
+process trains on its own batches, every validation and test clip is scored once over
+all of them and the metrics are gathered, so the test result equals one process's
+evaluation of the same checkpoint; only rank 0 writes results and encoder files.
+
+Every run gets a folder of its own, `<trainer.default_root_dir>/run-<N>/`, whose
+`results.json` holds the task, metric, per-fold test values, mean, std (ddof=1), how the
+checkpoint was selected, the checkpoints tested, the clips per subset and the config hash;
+`<trainer.default_root_dir>/index.jsonl` gets one line per run, so no run is ever lost.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import statistics
@@ -34,12 +46,23 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ssamba.data.labelled import LabelledDataModule
-from ssamba.tasks.classify import ClassifyTask, EpochWeightAveraging
-from ssamba.tasks.cli_common import SsambaCLI, one_line
+from ssamba.data.loader import rank_batches
+from ssamba.models.encoder_file import load_encoder_file
+from ssamba.tasks.callbacks import EpochWeightAveraging
+from ssamba.tasks.classify import ClassifyTask
+from ssamba.tasks.cli_common import (
+    SETUP_ERRORS,
+    SsambaCLI,
+    check_resume,
+    one_line,
+    setup_error_line,
+)
 
 PROG = "ssamba finetune"
+DESCRIPTION = __doc__  # `--help` (inside ClassifyCLI, `__doc__` is the class's docstring)
 FOLDS_ALL = "all"
 RESULTS_NAME = "results.json"
+INDEX_NAME = "index.jsonl"
 
 
 class ClassifyCLI(SsambaCLI):
@@ -55,7 +78,7 @@ class ClassifyCLI(SsambaCLI):
         args: list[str],
         parse_only: bool = False,
         prog: str = PROG,
-        description: str = __doc__,
+        description: str | None = None,
     ) -> None:
         self.parse_only = parse_only
         super().__init__(
@@ -63,8 +86,11 @@ class ClassifyCLI(SsambaCLI):
             LabelledDataModule,
             args,
             prog=prog,
-            description=description,
-            links=[("data.target_length", "model.input_frames")],
+            description=DESCRIPTION if description is None else description,
+            links=[
+                ("data.target_length", "model.input_frames"),
+                ("data.multi_label", "model.multilabel"),
+            ],
             exit_on_error=False,
         )
 
@@ -109,10 +135,25 @@ def task_name(config: Namespace) -> str:
     return Path(str(configs[-1])).stem if configs else "task"
 
 
-def config_hash(cli: LightningCLI) -> str:
+def config_hash(cli: LightningCLI, config: Namespace | None = None) -> str:
     """12 hex digits of sha256 over the merged config: equal runs, equal hash."""
-    dumped = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
+    config = cli.config if config is None else config
+    dumped = cli.parser.dump(config, skip_none=False, skip_validation=True)
     return hashlib.sha256(dumped.encode()).hexdigest()[:12]
+
+
+def new_run_folder(root: Path) -> Path:
+    """`root/run-<N>` with the next free N, created here (so two runs never share one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        folder = root / f"run-{number}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # another run took it meanwhile
+            number += 1
 
 
 def write_results(results: dict[str, Any], directory: Path) -> Path:
@@ -120,6 +161,22 @@ def write_results(results: dict[str, Any], directory: Path) -> Path:
     path = directory / RESULTS_NAME
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def append_index(root: Path, results: dict[str, Any], path: Path) -> None:
+    """One line per run in `root/index.jsonl`: what ran, its score, where its results are."""
+    keys = ("task", "metric", "mean", "std", "init", "mode", "config_hash")
+    line = {k: results.get(k) for k in keys} | {"results": str(path)}
+    with (root / INDEX_NAME).open("a") as index:
+        index.write(json.dumps(line) + "\n")
+
+
+def latest_results(root: str | Path) -> Path:
+    """results.json of the newest run under a task's root folder (from its index)."""
+    index = Path(root) / INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: no run has finished under {root}")
+    return Path(json.loads(index.read_text().splitlines()[-1])["results"])
 
 
 class RecipeError(ValueError):
@@ -146,28 +203,91 @@ def select_folds(requested: str, cross_validation: dict[str, Any] | None) -> dic
     return {name: known[name] for name in names}
 
 
-def build(argv: list[str]) -> tuple[ClassifyCLI, dict[str, int]]:
-    """Model, data and trainer of one run, with the data split checked before any step.
+def fold_configs(config: Namespace, root: Path) -> dict[str, Namespace]:
+    """fold name -> the parsed config of its run; `{"-": config}` without `--folds`.
 
-    Construction errors (a checkpoint of the wrong family or size, a missing file) and
-    data errors (a label outside labels.csv, an unknown fold, an empty or
-    test-overlapping subset) become a `RecipeError` naming the key, file or clip.
-    Returns the CLI and the clips per subset.
+    A fold's config is the recipe's with the fold key set, its own root folder and its
+    logs under `<logger name>/fold-<fold>/version_*`.
     """
+    if config["folds"] is None:
+        return {"-": config}
+    cross_validation = config["cross_validation"]
+    selected = select_folds(config["folds"], cross_validation)
+    key = cross_validation["key"]
+    configs = {}
+    for fold, value in selected.items():
+        fold_config = copy.deepcopy(config)
+        fold_config[key] = value
+        fold_config["trainer"]["default_root_dir"] = str(root / f"fold-{fold}")
+        logger = fold_config["trainer"].get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is not None:
+            init["name"] = f"{init.get('name') or 'lightning_logs'}/fold-{fold}"
+        configs[fold] = fold_config
+    return configs
+
+
+def check_data(config: Namespace) -> dict[str, int]:
+    """Build only the data of a run and split it: a bad fold fails before any training."""
     try:
-        cli = ClassifyCLI(argv)
-        counts = cli.datamodule.split_clips()  # every subset the run will read
-    except (ArgumentError, ValueError, FileNotFoundError) as error:
+        return LabelledDataModule(**config["data"].as_dict()).split_clips()
+    except (ValueError, FileNotFoundError, TypeError) as error:
         raise RecipeError(one_line(str(error))) from error
+
+
+def fold_hint(message: str, config: Namespace) -> str:
+    """`message`, plus how this recipe picks its test fold when `data.fold` was the problem
+    (a cross-validation recipe may select folds by another key, as FSDD LOSO by speaker)."""
+    cross_validation = config.get("cross_validation") or {}
+    key = cross_validation.get("key")
+    if not message.startswith("fold:") or not key or key == "data.fold":
+        return message
+    folds = cross_validation.get("folds") or []
+    names = ", ".join(map(str, folds))
+    return (
+        f"{message}. This recipe selects its test fold with {key}, not data.fold: "
+        f"run `--folds <name>` (or all) with a fold among {names}"
+    )
+
+
+def check_batches(counts: dict[str, int], batch_size: int, world: int, config: Namespace) -> None:
+    """Every rank needs one batch of each subset. Checked here, before DDP starts the
+    other processes: a rank that found none would stop alone and leave the others waiting."""
+    for subset, clips in counts.items():
+        if clips and any(
+            rank_batches(clips, batch_size, rank, world, drop_last=subset == "train") == 0
+            for rank in range(world)
+        ):
+            raise RecipeError(
+                f"{config['data']['shards']}: the {subset} set has {clips} clips, too few for "
+                f"one batch of {batch_size} on each of {world} processes (lower "
+                "--data.batch_size or --trainer.devices)"
+            )
+
+
+def build(cli: ClassifyCLI, config: Namespace) -> dict[str, int]:
+    """Instantiate model, data and trainer of `config` in `cli`, with the data split
+    checked before any step; returns the clips per subset. Construction errors (a
+    checkpoint of the wrong family or size, a missing file, a label outside labels.csv)
+    become a `RecipeError` naming the key, file or clip."""
+    cli.config, cli.parse_only = config, False
+    try:
+        cli.before_instantiate_classes()
+        cli.instantiate_classes()
+        check_resume(cli.model, cli.config.get("ckpt_path"))
+        counts = cli.datamodule.split_clips()  # every subset the run will read
+    except SETUP_ERRORS as error:
+        raise RecipeError(fold_hint(setup_error_line(error), config)) from error
+    check_batches(counts, cli.datamodule.hparams.batch_size, cli.trainer.world_size, config)
     print("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
-    return cli, counts
+    return counts
 
 
-def run_one(argv: list[str]) -> dict[str, Any]:
+def run_one(cli: ClassifyCLI, config: Namespace) -> dict[str, Any]:
     """Fit one configuration, then test its selected checkpoint; returns the record."""
-    cli, counts = build(argv)
+    counts = build(cli, config)
     model, trainer, data = cli.model, cli.trainer, cli.datamodule
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=config.get("ckpt_path"))
     averaging = [cb for cb in trainer.callbacks if isinstance(cb, EpochWeightAveraging)]
     validation = data.predicates["val"]
     if averaging:
@@ -175,18 +295,36 @@ def run_one(argv: list[str]) -> dict[str, Any]:
         ckpt, selection = averaging[0].averaged_path, f"average of epochs {window}"
     elif validation is None:
         ckpt, selection = trainer.checkpoint_callback.last_model_path, "last epoch (no val set)"
-    else:
+    elif trainer.checkpoint_callback.best_model_path:
         ckpt = trainer.checkpoint_callback.best_model_path
         where = "the test set (as SSAST)" if validation == data.predicates["test"] else validation
         selection = f"best val/{model.hparams.metric} epoch, val = {where}"
+    else:  # training ended before the first validation (max_steps, limits, val interval)
+        ckpt = trainer.checkpoint_callback.last_model_path
+        if not ckpt and trainer.checkpoint_callback.dirpath:  # e.g. a resume that ended at once
+            ckpt = str(Path(trainer.checkpoint_callback.dirpath) / "end.ckpt")
+            trainer.save_checkpoint(ckpt)  # every rank calls it; rank 0 writes
+        selection = (
+            f"last step {trainer.global_step} (training ended before any validation, so "
+            "no epoch could be chosen: check max_steps / val_check_interval)"
+        )
+        print(f"{PROG}: warning: no validation ran; testing {selection}", file=sys.stderr)
     if not ckpt:
-        raise RuntimeError("no checkpoint was saved: did validation run (check trainer limits)?")
+        raise RuntimeError("no checkpoint was saved: is trainer.enable_checkpointing false?")
     metric = f"test/{model.hparams.metric}"
     scores = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)[0]
+    encoder_file = None
+    if trainer.is_global_zero:  # the tested classifier, usable by every consumer
+        if model.hparams.mode == "adapter":  # ClassifyTask.on_test_end wrote it
+            encoder_file = str((Path(ckpt).parent.parent / "adapters.pt").resolve())
+        else:
+            bundle = load_encoder_file(ckpt)
+            encoder_file = str(bundle.save(Path(ckpt).parent.parent / "encoder.pt").resolve())
     return {
         "value": float(scores[metric]),
         "metrics": {k: float(v) for k, v in scores.items()},
         "checkpoint": str(Path(ckpt).resolve()),
+        "encoder_file": encoder_file,
         "selection": selection,
         "clips": counts,
     }
@@ -196,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run a recipe (each requested fold); exit code 2 with one line for a bad recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        base = ClassifyCLI(argv, parse_only=True)
-        return _run(base, argv)
+        cli = ClassifyCLI(argv, parse_only=True)
+        return _run(cli)
     except SystemExit as exit_:  # --help and --print_config
         return exit_.code if isinstance(exit_.code, int) else 2
     except (ArgumentError, RecipeError) as error:
@@ -205,48 +343,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def fold_runs(config: Namespace, argv: list[str], root: Path) -> dict[str, list[str]]:
-    """fold name -> argv of its run; `{"-": argv}` when `--folds` is not given."""
-    folds_arg = config["folds"]
-    if folds_arg is None:
-        return {"-": argv}
-    cross_validation = config["cross_validation"]
-    selected = select_folds(folds_arg, cross_validation)
-    key = cross_validation["key"]
-    return {
-        fold: [
-            *argv,
-            f"--{key}={value if isinstance(value, str) else json.dumps(value)}",
-            f"--trainer.default_root_dir={root / f'fold-{fold}'}",
-            *fold_logger_args(config, fold),
-        ]
-        for fold, value in selected.items()
-    }
-
-
-def fold_logger_args(config: Namespace, fold: str) -> list[str]:
-    """Log each fold under `<logger name>/fold-<fold>/version_*`, not as anonymous versions."""
-    logger = config["trainer"].get("logger")
-    init = logger.get("init_args") if isinstance(logger, Namespace) else None
-    if init is None:
-        return []
-    return [f"--trainer.logger.init_args.name={init.get('name') or 'lightning_logs'}/fold-{fold}"]
-
-
-def _run(base: ClassifyCLI, argv: list[str]) -> int:
-    config = base.config
+def _run(cli: ClassifyCLI) -> int:
+    config = cli.config
     root = Path(config["trainer"]["default_root_dir"] or ".")
     name = task_name(config)
-    folds_arg = config["folds"]
-    runs = fold_runs(config, argv, root)
-    if len(runs) > 1:  # a fold whose data or settings are wrong fails before fold 1 trains
-        for fold_argv in runs.values():
-            build(fold_argv)
+    folds = fold_configs(config, root)
+    if len(folds) > 1:  # a fold whose data or settings are wrong fails before fold 1 trains
+        for fold_config in folds.values():
+            check_data(fold_config)
     records = {}
-    for fold, fold_argv in runs.items():
+    for fold, fold_config in folds.items():
         if fold != "-":
-            print(f"== {name}: fold {fold} ({len(records) + 1}/{len(runs)})")
-        records[fold] = run_one(fold_argv)
+            print(f"== {name}: fold {fold} ({len(records) + 1}/{len(folds)})")
+        records[fold] = run_one(cli, fold_config)
     values = [r["value"] for r in records.values()]
     metric = config["model"]["metric"]
     results = {
@@ -254,18 +363,22 @@ def _run(base: ClassifyCLI, argv: list[str]) -> int:
         "metric": metric,
         "split": "test",
         "selection": next(iter(records.values()))["selection"],
-        "folds": {f: r["value"] for f, r in records.items()} if folds_arg else None,
+        "folds": {f: r["value"] for f, r in records.items()} if config["folds"] else None,
         "value": values[0] if len(values) == 1 else None,
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "checkpoint": {f: r["checkpoint"] for f, r in records.items()},
+        "encoder_file": {f: r["encoder_file"] for f, r in records.items()},
         "metrics": {f: r["metrics"] for f, r in records.items()},
         "clips": {f: r["clips"] for f, r in records.items()},
         "init": config["model"]["init"],
         "mode": config["model"]["mode"],
-        "config_hash": config_hash(base),
+        "config_hash": config_hash(cli),
     }
-    path = write_results(results, root)
+    if not cli.trainer.is_global_zero:  # one results file per run, not per process
+        return 0
+    path = write_results(results, new_run_folder(root))
+    append_index(root, results, path)
     summary = f"{results['mean']:.4f}" + (f" +/- {results['std']:.4f}" if len(values) > 1 else "")
     print(f"{name}: test {metric} = {summary} over {len(values)} run(s) -> {path}")
     return 0

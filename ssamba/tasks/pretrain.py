@@ -9,53 +9,60 @@ The joint loss is `nce_weight * nce + mse_weight * mse` (1 and 10 in the origina
 term from its own forward pass with its own mask, as the originals do; `single_pass`
 computes both on one pass (half the compute, not what the released models saw).
 
-Faithful defaults, documented options (see REFERENCE.md C):
+Faithful defaults, documented options (docs/originals.md#mspm):
 - `nce_axis="original"`: `log_softmax(targets @ preds.T, dim=-1)`, a softmax over the
   predictions, which the released code uses; `"paper"` is equation 1 of the SSAST paper
   (softmax over the candidate targets). ssast#13 discusses the difference.
 - raw dot products (`temperature=1`), targets are the normalised input patches, detached.
-- accuracy is the originals' "masked acc": for each prediction, is the best-scoring
-  target its own patch.
+- `masking="original"` draws masks as the released code does (biased towards the middle
+  frequency rows, patch 0 never masked); `"uniform"` masks every row equally.
+- `val/acc` is the originals' "masked acc": softmax of `targets @ preds.T` over the
+  predictions, then for each prediction, is the target with the highest probability its
+  own patch. `val/acc_raw` takes the argmax of the raw scores instead.
 
-Learning rate: linear warm-up over `warmup_steps`, then either `plateau` (halve when the
-validation masked accuracy has not improved for `plateau_patience` evaluations, as the
-originals' ReduceLROnPlateau) or `cosine` to `min_lr` at `trainer.max_steps`. The rate of
-a step is a pure function of (step, plateau state), which is saved in the checkpoint, so a
-resumed run continues with exactly the rate it would have had.
+`objective="eat"` swaps MSPM for the teacher-student objective of data2vec 2.0 / EAT
+(`ssamba.tasks.objectives.eat`, settings in `model.eat`): an EMA teacher encodes the whole
+clip, the student regresses the teacher's averaged top-layer features at the masked
+patches of several inverse-block-masked copies, plus a cls-token utterance loss. The
+teacher is part of the module (`eat.teacher.*`), so checkpoints carry it; the student
+`encoder` is what is exported.
+
+Learning rate (`ssamba.tasks.schedules`): warm-up over `warmup_steps` (linear, or the
+originals' staircase), then `plateau` (halve when the validation masked accuracy has not
+improved for `plateau_patience` evaluations, as the originals' ReduceLROnPlateau) or
+`cosine` to `min_lr` at `trainer.max_steps`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from ssamba.models.checkpoints import save_encoder
+from ssamba.features import FbankConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.tasks.cli_common import YamlPiece, read_yaml_piece
-from ssamba.tasks.masking import make_mask
+from ssamba.models.encoder_file import EncoderFile
+from ssamba.tasks.masking import MaskingKind, make_mask, mask_generator
+from ssamba.tasks.objectives.eat import EATConfig, EATObjective
+from ssamba.tasks.schedules import PlateauScale, Warmup, apply_lr, lr_factor
 
-__all__ = [
-    "PlateauScale",
-    "PretrainTask",
-    "build_encoder",
-    "encoder_spec",
-    "info_nce",
-    "no_weight_decay",
-]
+__all__ = ["PretrainTask", "info_nce", "no_weight_decay"]
 
 # The originals validate with 400 of 512 masked patches whatever they train with.
 VAL_MASK_FRACTION = 400 / 512
 # Clip-weighted sums a validation epoch accumulates (the last is the clip count).
-VAL_SUMS = ("loss", "nce", "mse", "acc", "clips")
+VAL_SUMS = {
+    "mspm": ("loss", "nce", "mse", "acc", "acc_raw", "clips"),
+    "eat": ("loss", "frame", "utterance", "clips"),
+}
 # Parameters that weight decay would only pull towards zero for no benefit: position and
 # special tokens, the SSM's log-decay rates and skip gains.
 NO_DECAY_NAMES = {
@@ -70,78 +77,31 @@ NO_DECAY_NAMES = {
 }
 
 
-def encoder_spec(encoder: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """`{family, size, **EncoderConfig overrides}` with command-line strings typed.
-
-    `--model.encoder.depth 2` reaches the task as the string "2"; YAML typing makes it 2.
-    """
-    spec = {**encoder, **{k: v for k, v in overrides.items() if v is not None}}
-    return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in spec.items()}
-
-
-def build_encoder(spec: dict[str, Any]) -> AudioEncoder:
-    """An `AudioEncoder` from `{"family": ..., "size": ..., **EncoderConfig overrides}`."""
-    spec = dict(spec)
-    missing = {"family", "size"} - spec.keys()
-    if missing:
-        raise ValueError(
-            f"model.encoder: missing {sorted(missing)} (e.g. family: ssamba, size: tiny)"
-        )
-    family, size = spec.pop("family"), spec.pop("size")
-    try:
-        config = EncoderConfig.preset(family, size, **spec)
-    except ValueError as error:  # e.g. an override EncoderConfig does not know
-        raise ValueError(f"model.encoder: {error}") from error
-    return AudioEncoder(config)
-
-
 def info_nce(
     preds: Tensor, targets: Tensor, axis: Literal["original", "paper"], temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Within-clip InfoNCE between predictions and targets at the masked positions.
 
     preds, targets: (batch, masked, patch_dim); negatives are the clip's other masked
-    patches. Returns (loss, accuracy) as scalars; accuracy counts predictions whose
-    best-scoring target (argmax over targets) is their own patch.
+    patches. Returns scalars (loss, accuracy, raw accuracy):
+    - accuracy, the originals' masked accuracy: scores `targets @ preds.T` (rows targets,
+      columns predictions), softmax over each row, then for each prediction (column) the
+      target of highest probability must be its own;
+    - raw accuracy: for each prediction, the target of highest raw score is its own.
     """
     with torch.autocast(preds.device.type, enabled=False):
         scores = targets.float() @ preds.float().transpose(1, 2) / temperature  # (B, M, M) [t, p]
         log_probs = F.log_softmax(scores, dim=-1 if axis == "original" else 1)
         loss = -log_probs.diagonal(dim1=1, dim2=2).mean()
         own = torch.arange(scores.shape[1], device=scores.device)
-        accuracy = (scores.argmax(dim=1) == own).float().mean()
-    return loss, accuracy
+        accuracy = (scores.softmax(dim=-1).argmax(dim=1) == own).float().mean()
+        raw_accuracy = (scores.argmax(dim=1) == own).float().mean()
+    return loss, accuracy, raw_accuracy
 
 
 def no_weight_decay(name: str, param: Tensor) -> bool:
     """Norm weights, biases, position/special tokens and SSM rates are not decayed."""
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-
-
-@dataclass
-class PlateauScale:
-    """The learning-rate multiplier of ReduceLROnPlateau(mode="max"), kept as plain state.
-
-    Same rule as torch's: an evaluation improves when it beats the best by a relative
-    `threshold`; after more than `patience` evaluations without improvement the scale is
-    multiplied by `factor`.
-    """
-
-    factor: float = 0.5
-    patience: int = 2
-    threshold: float = 1e-4
-    scale: float = 1.0
-    best: float = -math.inf
-    bad_evals: int = 0
-
-    def step(self, metric: float) -> None:
-        if metric > self.best * (1 + self.threshold) if self.best > 0 else metric > self.best:
-            self.best, self.bad_evals = metric, 0
-            return
-        self.bad_evals += 1
-        if self.bad_evals > self.patience:
-            self.scale *= self.factor
-            self.bad_evals = 0
 
 
 @dataclass
@@ -152,6 +112,7 @@ class MSPMOutput:
     nce: Tensor
     mse: Tensor
     accuracy: Tensor
+    raw_accuracy: Tensor
     mask: Tensor  # (num_patches,) bool, of the generative pass
     reconstruction: Tensor  # (masked, patch_dim), generative predictions
 
@@ -166,20 +127,25 @@ class PretrainTask(LightningModule):
 
     def __init__(
         self,
-        encoder: dict[str, Any] | YamlPiece,
+        encoder: EncoderConfig,
         input_frames: int | None = None,
+        objective: Literal["mspm", "eat"] = "mspm",
+        eat: EATConfig | None = None,
         n_masked: int = 400,
         n_masked_val: int | None = None,
+        masking: MaskingKind = "uniform",
         cluster_sizes: tuple[int, ...] = (3, 4, 5),
         nce_weight: float = 1.0,
         mse_weight: float = 10.0,
         nce_axis: Literal["original", "paper"] = "original",
         temperature: float = 1.0,
         single_pass: bool = False,
+        optimizer: Literal["adamw", "adam"] = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 5e-8,
         betas: tuple[float, float] = (0.95, 0.999),
         warmup_steps: int = 1000,
+        warmup: Warmup = "linear",
         schedule: Literal["plateau", "cosine"] = "plateau",
         plateau_factor: float = 0.5,
         plateau_patience: int = 2,
@@ -189,36 +155,59 @@ class PretrainTask(LightningModule):
     ) -> None:
         """
         Args:
-            encoder: encoder spec `{family, size, **EncoderConfig overrides}`, inline or a
-                YAML piece such as `recipes/model/ssamba_tiny.yaml`; on the command line
-                `--model.encoder.depth 2` overrides one field of the recipe's piece.
+            encoder: the encoder's configuration, inline or a YAML piece such as
+                `recipes/model/ssamba_tiny.yaml`; `--model.encoder.depth 2` overrides one
+                field of it. Fields left null take the family's published values.
             input_frames: frames per clip; recipes link it to the data's crop length.
+            objective: "mspm" (SSAST/SSAMBA, the default) or "eat" (EMA teacher-student,
+                data2vec 2.0 / EAT; the MSPM settings below are then unused).
+            eat: the teacher-student settings (`EATConfig`); None: its defaults.
             n_masked: patches masked per clip in training (400 of 512 in the originals).
             n_masked_val: patches masked in validation; default 400/512 of the patches.
+            masking: "original" reproduces the released code's mask distribution (rows
+                near the middle masked most, patch 0 never); "uniform" masks every
+                frequency row equally. Frame models always sample uniformly.
+            cluster_sizes: block sizes drawn per clip (the originals: 3, 4, 5).
+            optimizer: "adamw" (SSAMBA: decoupled decay 5e-8) or "adam" (SSAST: L2 decay
+                5e-7); norms, biases, tokens and SSM rates are never decayed.
+            warmup: "linear", or "staircase" as the originals (lr exactly 0 for 50 steps).
             image_every_n_steps: log input / mask / reconstruction to TensorBoard (0: never).
-            seed: masks are drawn from (seed, rank, step), so runs and resumes repeat them.
+            seed: training masks are drawn from (seed, rank, step, micro-batch), validation
+                masks from (seed, clip id): runs and resumes repeat them, every micro-batch
+                of an accumulated step gets its own, and validation masks are the same at
+                every evaluation on any number of processes.
         """
         super().__init__()
-        spec = encoder_spec(read_yaml_piece(encoder), input_frames=input_frames)
-        self.encoder = build_encoder(spec)
+        if input_frames is not None:
+            encoder = replace(encoder, input_frames=input_frames)
+        self.encoder = AudioEncoder(encoder)
         num_patches, dim = self.encoder.num_patches, self.encoder.embed_dim
         n_masked_val = n_masked_val or max(1, round(VAL_MASK_FRACTION * num_patches))
         for key, value in (("n_masked", n_masked), ("n_masked_val", n_masked_val)):
-            if not 0 < value <= num_patches:
+            if objective == "mspm" and not 0 < value <= num_patches:
                 raise ValueError(
                     f"model.{key}={value}: the encoder has only {num_patches} patches "
                     f"(grid {tuple(self.encoder.grid)}); choose 1..{num_patches}"
                 )
         if temperature <= 0:
             raise ValueError(f"model.temperature={temperature} must be > 0")
+        if objective not in VAL_SUMS:
+            raise ValueError(f"model.objective={objective!r}: choose mspm or eat")
         self.save_hyperparameters()
-        # Store the resolved spec, so a checkpoint rebuilds without the recipe files.
-        self.hparams.encoder = {**spec, "input_frames": self.encoder.cfg.input_frames}
+        # Plain data only, so checkpoints load with weights_only=True.
+        self.hparams.encoder = encoder.to_dict()
         self.hparams.n_masked_val = n_masked_val
-        self.cpredlayer = self._head(dim, self.encoder.patch_dim)
-        self.gpredlayer = self._head(dim, self.encoder.patch_dim)
+        if objective == "eat":
+            eat = eat or EATConfig()
+            self.hparams.eat = eat.to_dict()
+            self.eat = EATObjective(self.encoder, eat)
+        else:  # only the objective's own heads: DDP refuses parameters no loss reaches
+            self.hparams.eat = None
+            self.cpredlayer = self._head(dim, self.encoder.patch_dim)
+            self.gpredlayer = self._head(dim, self.encoder.patch_dim)
         self.plateau = PlateauScale(plateau_factor, plateau_patience)
-        self._val_sums = torch.zeros(len(VAL_SUMS))  # summed over the validation epoch
+        self._val_names = VAL_SUMS[objective]
+        self._val_sums = torch.zeros(len(self._val_names))  # summed over the validation epoch
 
     @staticmethod
     def _head(dim: int, patch_dim: int) -> nn.Sequential:
@@ -231,7 +220,9 @@ class PretrainTask(LightningModule):
         patches = self.encoder.patch_tokens(self.encoder.forward_features(fbank, mask=mask))
         return patches[mask].view(fbank.shape[0], -1, patches.shape[-1])
 
-    def mspm(self, fbank: Tensor, n_masked: int, generator: torch.Generator) -> MSPMOutput:
+    def mspm(
+        self, fbank: Tensor, n_masked: int, generator: torch.Generator | Sequence[torch.Generator]
+    ) -> MSPMOutput:
         """Joint discriminative + generative loss on one batch; fbank: (B, T, F)."""
         hp = self.hparams
         batch = fbank.shape[0]
@@ -239,7 +230,13 @@ class PretrainTask(LightningModule):
 
         def draw() -> Tensor:
             return make_mask(
-                batch, self.encoder.grid, n_masked, hp.cluster_sizes, generator, fbank.device
+                batch,
+                self.encoder.grid,
+                n_masked,
+                hp.cluster_sizes,
+                generator,
+                fbank.device,
+                masking=hp.masking,
             )
 
         def at(mask: Tensor) -> Tensor:
@@ -247,36 +244,45 @@ class PretrainTask(LightningModule):
 
         mask = draw()
         hidden = self.masked_hidden(fbank, mask)
-        nce, accuracy = info_nce(self.cpredlayer(hidden), at(mask), hp.nce_axis, hp.temperature)
+        nce, accuracy, raw_accuracy = info_nce(
+            self.cpredlayer(hidden), at(mask), hp.nce_axis, hp.temperature
+        )
         if not hp.single_pass:
             mask = draw()
             hidden = self.masked_hidden(fbank, mask)
         reconstruction = self.gpredlayer(hidden)
         mse = F.mse_loss(reconstruction.float(), at(mask).float())
         loss = hp.nce_weight * nce + hp.mse_weight * mse
-        return MSPMOutput(loss, nce, mse, accuracy, mask[0], reconstruction[0].detach())
+        return MSPMOutput(
+            loss, nce, mse, accuracy, raw_accuracy, mask[0], reconstruction[0].detach()
+        )
 
-    def _generator(self, stream: int, index: int) -> torch.Generator:
-        """Masks depend only on (seed, stream, rank, index): repeatable, distinct per rank."""
-        seed = hash((self.hparams.seed, stream, self.global_rank, index)) % (2**63)
-        return torch.Generator().manual_seed(seed)
+    def _train_generator(self, batch_idx: int) -> torch.Generator:
+        """Training masks from (seed, rank, optimizer step, micro-batch)."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        return mask_generator(self.hparams.seed, "train", self.global_rank, self.global_step, micro)
+
+    def _val_generators(self, clip_ids: Sequence[str]) -> list[torch.Generator]:
+        """Validation masks keyed by each clip's id: rank-, world- and batch-independent."""
+        return [mask_generator(self.hparams.seed, "val", clip_id) for clip_id in clip_ids]
 
     # ---- Lightning hooks ---------------------------------------------------------------
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        lr = self.lr_at(self.global_step)
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.trainer.optimizers, self.lr_factor(self.global_step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         fbank = batch["fbank"]
-        out = self.mspm(fbank, self.hparams.n_masked, self._generator(0, self.global_step))
+        if self.hparams.objective == "eat":
+            return self._eat_step(fbank, batch_idx)
+        out = self.mspm(fbank, self.hparams.n_masked, self._train_generator(batch_idx))
         size = fbank.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/nce", out.nce, batch_size=size)
         self.log("train/mse", out.mse, batch_size=size)
         self.log("train/acc", out.accuracy, prog_bar=True, batch_size=size)
-        self.log("train/lr", self.lr_at(self.global_step), batch_size=size)
+        self.log("train/acc_raw", out.raw_accuracy, batch_size=size)
+        self.log("train/lr", self.hparams.lr * self.lr_factor(self.global_step), batch_size=size)
         skipped = getattr(self.trainer.datamodule, "skipped", None)
         if callable(skipped):  # corrupt clips the data module dropped and counted
             self.log("data/skipped", float(sum(skipped().values())), batch_size=size)
@@ -285,20 +291,47 @@ class PretrainTask(LightningModule):
             self._log_picture(fbank[0].detach(), out)
         return out.loss
 
+    def _eat_step(self, fbank: Tensor, batch_idx: int) -> Tensor:
+        out = self.eat(self.encoder, fbank, self._train_generator(batch_idx))
+        size = fbank.shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log("train/frame", out.frame, batch_size=size)
+        self.log("train/utterance", out.utterance, batch_size=size)
+        self.log("train/lr", self.hparams.lr * self.lr_factor(self.global_step), batch_size=size)
+        self.log("train/ema_decay", self._ema_decay, batch_size=size)
+        return out.loss
+
+    _ema_decay = 0.0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The teacher follows the student once per optimizer step (after it)."""
+        if self.hparams.objective != "eat":
+            return
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self._ema_decay = self.eat.update_teacher(self.encoder, self.global_step)
+
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(len(VAL_SUMS), device=self.device)
+        self._val_sums = torch.zeros(len(self._val_names), device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         fbank = batch["fbank"]
-        # The same masks at every evaluation, so accuracies are comparable across steps.
-        out = self.mspm(fbank, self.hparams.n_masked_val, self._generator(1, batch_idx))
         clips = fbank.shape[0]
+        if self.hparams.objective == "eat":
+            out = self.eat(self.encoder, fbank, self._val_generators(batch["id"]))
+            values = [out.loss, out.frame, out.utterance]
+            self._val_sums += torch.stack(
+                [v.detach() * clips for v in values] + [out.loss.new_tensor(clips)]
+            )
+            return
+        # The same masks at every evaluation, so accuracies are comparable across steps.
+        out = self.mspm(fbank, self.hparams.n_masked_val, self._val_generators(batch["id"]))
         self._val_sums += torch.stack(
             [
                 out.loss.detach() * clips,
                 out.nce.detach() * clips,
                 out.mse.detach() * clips,
                 out.accuracy.detach() * clips,
+                out.raw_accuracy.detach() * clips,
                 out.loss.new_tensor(clips),
             ]
         )
@@ -307,45 +340,58 @@ class PretrainTask(LightningModule):
         # One all-reduce for every metric: ranks may hold different numbers of validation
         # batches, so nothing may synchronise per batch.
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        means = dict(zip(VAL_SUMS, (sums / sums[-1].clamp(min=1)).tolist(), strict=True))
+        names = self._val_names
+        means = dict(zip(names, (sums / sums[-1].clamp(min=1)).tolist(), strict=True))
         # Every rank holds the same values now; sync_dist only averages equal numbers (and
         # keeps Lightning from warning that epoch-level logs should be synchronised).
-        for name in ("loss", "nce", "mse"):
-            self.log(f"val/{name}", means[name], sync_dist=True)
+        for name in names[:-1]:
+            if name != "acc":
+                self.log(f"val/{name}", means[name], sync_dist=True)
         # Every clip has n_masked_val predictions, so the clip mean is the masked accuracy.
-        self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
-        # Like the originals, the plateau schedule reacts to each evaluation after warm-up.
+        if "acc" in means:
+            self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
+        # Like the originals, the plateau schedule reacts to each evaluation after warm-up
+        # (to the masked accuracy; the teacher-student objective has its loss instead).
         if not self.trainer.sanity_checking and self.global_step >= self.hparams.warmup_steps:
-            self.plateau.step(means["acc"])
+            self.plateau.step(means["acc"] if "acc" in means else -means["loss"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         decay, plain = [], []
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (plain if no_weight_decay(name, param) else decay).append(param)
+        lr = self.hparams.lr
         groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": self.hparams.weight_decay, "base_lr": lr},
+            {"params": plain, "weight_decay": 0.0, "base_lr": lr},
         ]
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        return cls(groups, lr=lr, betas=tuple(self.hparams.betas))
 
     def on_fit_start(self) -> None:
         if self.hparams.schedule == "cosine" and self.trainer.max_steps <= 0:
             raise ValueError("model.schedule=cosine needs trainer.max_steps (the decay length)")
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step `step` (warm-up, then plateau scale or cosine)."""
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` for optimizer step `step` (warm-up, then plateau or cosine)."""
         hp = self.hparams
-        warm = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps > 0 else 1.0
-        if hp.schedule == "plateau":
-            return hp.lr * warm * self.plateau.scale
-        span = max(1, self.trainer.max_steps - hp.warmup_steps)
-        progress = min(1.0, max(0, step - hp.warmup_steps) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return warm * (hp.min_lr + (hp.lr - hp.min_lr) * cosine)
+        return lr_factor(
+            step,
+            0,
+            schedule=hp.schedule,
+            warmup_steps=hp.warmup_steps,
+            warmup=hp.warmup,
+            total_steps=self.trainer.max_steps if hp.schedule == "cosine" else math.inf,
+            min_factor=hp.min_lr / hp.lr,
+            plateau=self.plateau,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Plateau state for resuming; encoder config and features for the encoder loader."""
         checkpoint["lr_plateau"] = asdict(self.plateau)
+        checkpoint["encoder_config"] = self.encoder.cfg.to_dict()
+        features = self.trained_features()
+        checkpoint["features"] = None if features is None else features.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "lr_plateau" in checkpoint:
@@ -357,9 +403,15 @@ class PretrainTask(LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        path = folder / "encoder.pt"
-        save_encoder(self.encoder, path, extra={"pretrain_step": self.global_step})
-        print(f"exported encoder: {path}")
+        provenance = {"kind": f"pretraining ({self.hparams.objective})", "step": self.global_step}
+        bundle = EncoderFile(self.encoder, self.trained_features(), provenance=provenance)
+        print(f"exported encoder: {bundle.save(folder / 'encoder.pt')}")
+
+    def trained_features(self) -> FbankConfig | None:
+        """The feature settings of the attached DataModule (its `fbank`), for inference."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        fbank = getattr(datamodule, "fbank", None)
+        return fbank.for_inference() if isinstance(fbank, FbankConfig) else None
 
     # ---- pictures ----------------------------------------------------------------------
 

@@ -4,8 +4,8 @@
     ssamba pretrain --config recipes/pretrain/asli_base.yaml --trainer.max_steps 100000
     ssamba pretrain --config recipes/pretrain/asli_base.yaml --ckpt_path last   # resume
     ssamba pretrain --config recipes/pretrain/asli_tiny.yaml --print_config
-    ssamba pretrain --config recipes/pretrain/fsdd_tiny_cpu.yaml \
-        --model.encoder.depth 4 --model.encoder.embed_dim 96       # edit the encoder piece
+    ssamba pretrain --config recipes/pretrain/fsdd_tiny_cpu.yaml --model.encoder.depth 2
+        (dotted options edit one field of the recipe's encoder piece)
 
 A recipe has three sections: `model:` (PretrainTask: encoder piece from recipes/model/,
 masking, loss weights, optimiser and schedule), `data:` (PretrainDataModule: shard
@@ -19,7 +19,9 @@ Checkpoints go to `<logger folder>/checkpoints/`: last.ckpt at every validation 
 best by val/acc. `--ckpt_path last` resumes the newest last.ckpt in the same folder
 (step count, optimiser, learning-rate schedule and plateau state; the data stream goes
 on with fresh clips), or starts from scratch when there is none yet. At the end the
-encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune`.
+encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune` (with
+`--trainer.logger false`: to `trainer.default_root_dir`, by default
+runs/pretrain/<recipe name>/).
 
 Several processes: Lightning DDP (`--trainer.strategy ddp --trainer.devices N
 [--trainer.num_nodes M]`), or the launchers in recipes/launch/ (torchrun.sh,
@@ -36,6 +38,9 @@ from ssamba.tasks.cli_common import run_cli
 from ssamba.tasks.pretrain import PretrainTask
 
 PROG = "ssamba pretrain"
+# Where a run with `--trainer.logger false` (and no trainer.default_root_dir) keeps its
+# checkpoints and encoder.pt: `runs/pretrain/<recipe name>`, as the recipes' loggers do.
+DEFAULT_ROOT = "runs/pretrain"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,4 +53,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         trainer_fn="fit",
         links=[("data.target_length", "model.input_frames")],
+        default_root=DEFAULT_ROOT,
     )

@@ -1,0 +1,231 @@
+"""What a user meets when a run is started wrongly or ends early: one line and exit code 2
+before anything is written, a clear warning, or a result that says how it was chosen.
+
+Runs use the 3-speaker FSDD subset of test_finetune and a random 2-layer, 32-wide encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_finetune import (
+    FSDD,
+    FSDD_LOSO,
+    REPO,
+    SMALL,
+    fsdd_subset,
+    quick,
+    results_of,
+)
+
+from ssamba.tasks.cli_common import QUIET_NOTICES, quiet_lightning
+from ssamba.tasks.evaluate_cli import main as evaluate_main
+from ssamba.tasks.finetune_cli import main as finetune_main
+from ssamba.tasks.pretrain_cli import main as pretrain_main
+
+PRETRAIN = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if ": error:" in line]
+
+
+@pytest.fixture(scope="module")
+def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
+
+
+@pytest.fixture(scope="module")
+def short_run(subset_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fine-tuning run stopped by max_steps before its first validation."""
+    out = tmp_path_factory.mktemp("short")
+    options = [*quick(subset_shards, out), "--trainer.max_steps=2"]
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+    return out
+
+
+def test_a_run_that_ends_before_any_validation_tests_its_last_checkpoint_and_says_so(
+    short_run: Path,
+) -> None:
+    results = results_of(short_run)
+
+    assert results["selection"].startswith("last step 2 (training ended before any validation")
+    assert Path(results["checkpoint"]["-"]).name == "last.ckpt"
+    assert 0.0 <= results["value"] <= 1.0
+
+
+def test_a_missing_ckpt_path_fails_in_one_line_before_a_run_folder_exists(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    missing = tmp_path / "nowhere.ckpt"
+
+    code = finetune_main(
+        ["--config", str(FSDD), *quick(subset_shards, out), "--ckpt_path", str(missing)]
+    )
+
+    assert code == 2
+    assert error_lines(capfd.readouterr().err) == [
+        f"ssamba finetune: error: --ckpt_path: {missing} does not exist"
+    ]
+    assert not out.exists()
+
+
+def test_a_resume_with_another_encoder_width_fails_naming_the_weights_and_keeps_config_yaml(
+    short_run: Path,
+    subset_shards: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    version = short_run / "fsdd" / "version_0"
+    saved = (version / "config.yaml").read_bytes()
+    wider = json.dumps({**SMALL, "embed_dim": 64})
+
+    code = finetune_main(
+        [
+            "--config",
+            str(FSDD),
+            *quick(subset_shards, short_run),
+            f"--model.encoder={wider}",
+            "--ckpt_path=last",
+        ]
+    )
+
+    assert code == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "its weights do not fit this model" in line, line
+    assert "encoder.cls_token (1, 1, 32) in the checkpoint, (1, 1, 64) here" in line
+    assert (version / "config.yaml").read_bytes() == saved
+    assert sorted(p.name for p in (short_run / "fsdd").iterdir()) == ["version_0"]
+
+
+def test_a_resume_of_the_same_model_continues_in_its_version_folder(
+    short_run: Path, subset_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(short_run, out)
+    resume = ["--ckpt_path=last", "--trainer.max_epochs=2", "--trainer.max_steps=3"]
+    options = [*quick(subset_shards, out), *resume]
+
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+
+    assert sorted(p.name for p in (out / "fsdd").iterdir()) == ["version_0"]
+    tested = Path(results_of(out)["checkpoint"]["-"])
+    assert tested.parent == out / "fsdd" / "version_0" / "checkpoints"
+    assert torch.load(tested, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_without_one_fails_in_one_line_saying_what_to_pass(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    options = [*quick(subset_shards, out), "--trainer.accelerator=gpu"]
+
+    assert finetune_main(["--config", str(FSDD), *options]) == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert line.startswith("ssamba finetune: error: trainer: ")
+    assert "--trainer.accelerator cpu" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_data_fold_that_does_not_exist_says_so_and_how_this_recipe_picks_folds(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    options = [*quick(subset_shards, tmp_path / "run"), "--data.fold=99"]
+
+    assert finetune_main(["--config", str(FSDD_LOSO), *options]) == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "fold 99 does not exist" in line
+    assert "data.test_filter" in line and "--folds" in line and "george" in line
+
+
+def test_evaluate_refuses_folds_in_one_line(
+    short_run: Path,
+    subset_shards: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = results_of(short_run)["checkpoint"]["-"]
+
+    code = evaluate_main(
+        ["--ckpt", ckpt, "--config", str(FSDD), f"--data.shards={subset_shards}", "--folds", "all"]
+    )
+
+    assert code == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert line.startswith("ssamba evaluate: error: --folds: evaluate scores one checkpoint")
+
+
+def test_evaluate_at_another_input_length_warns_that_it_differs_from_training(
+    short_run: Path,
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = results_of(short_run)["checkpoint"]["-"]
+    options = [
+        f"--data.shards={subset_shards}",
+        "--data.target_length=128",
+        "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"--out={tmp_path}",
+    ]
+
+    assert evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options]) == 0
+    err = capfd.readouterr().err
+    assert (
+        f"warning: --data.target_length 128 differs from the 64 frames {ckpt} was trained on" in err
+    )
+    # and Lightning's advertising and its "callbacks will override" notice stay quiet
+    assert not any(notice in err for notice in QUIET_NOTICES)
+
+
+def test_lightning_tips_are_dropped_and_its_other_notices_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quiet_lightning()
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("💡 Tip: For seamless cloud logging, try installing [litlogger]")
+        log.info("The following callbacks returned in `LightningModule.configure_callbacks` will")
+        log.info("GPU available: False, used: False")
+
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_pretraining_without_a_logger_keeps_its_files_out_of_the_current_directory(
+    subset_shards: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = pretrain_main(
+        [
+            "--config",
+            str(PRETRAIN),
+            f"--data.sources=[{{shards: {subset_shards}, splits: [train]}}]",
+            f"--data.val={{shards: {subset_shards}, splits: [test]}}",
+            "--data.val_max_clips=8",
+            "--data.num_workers=0",
+            "--data.batch_size=4",
+            "--model.encoder.depth=2",
+            "--model.encoder.embed_dim=32",
+            "--trainer.max_steps=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert (tmp_path / "runs" / "pretrain" / "fsdd_tiny_cpu" / "encoder.pt").is_file()
