@@ -11,7 +11,7 @@ WORK        ?= work
 JOBS        ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install assets test test-fast lint format bench shards stats demo clean
+.PHONY: help install assets test test-fast test-cuda lint format bench bench-efficiency shards stats demo continual clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -19,10 +19,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --progress-bar off -e '.[dev]'
+	$(PIP) install --progress-bar off -e '.[dev,onnx]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## make .venv with torch 2.9.1 + torchaudio 2.9.1 and ssamba (editable)
+install: $(STAMP)  ## make .venv with torch 2.9.1 + torchaudio 2.9.1, ssamba (editable), onnx export
 
 # A real 30 s, 16 kHz two-speaker recording that the PyPI package pyannote-audio ships
 # (MIT), pinned; taken from its wheel, not installed. Tests read it from $(SAMPLE_WAV).
@@ -37,10 +37,13 @@ $(SAMPLE_WAV): | $(STAMP)
 assets: $(SAMPLE_WAV)  ## fetch the real test recording (from a PyPI wheel)
 
 test: $(STAMP) $(SAMPLE_WAV)  ## all tests, end-to-end ones on real audio included
-	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q
+	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m "not cuda"
 
 test-fast: $(STAMP) $(SAMPLE_WAV)  ## unit tests only (skips the slow end-to-end ones)
-	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m "not slow"
+	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m "not slow and not cuda"
+
+test-cuda: $(STAMP) $(SAMPLE_WAV)  ## the CUDA tests (needs a GPU and `pip install -e '.[cuda]'`)
+	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m cuda
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check ssamba data_prep tests
@@ -50,8 +53,11 @@ format: $(STAMP)  ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix ssamba data_prep tests
 	$(VENV)/bin/ruff format ssamba data_prep tests
 
-bench: $(STAMP)  ## all benchmarks; tables printed and written to bench-results/
+bench: $(STAMP)  ## all benchmarks but efficiency; tables printed and written to bench-results/
 	$(PY) -m ssamba.bench all --out bench-results
+
+bench-efficiency: $(STAMP)  ## time/memory vs tokens (512..32k) of the tiny encoders (over an hour)
+	$(PY) -m ssamba.bench efficiency --out bench-results
 
 # ---- data --------------------------------------------------------------------
 # make shards CORPUS=librispeech SRC=/data/LibriSpeech OUT=work/shards/librispeech
@@ -71,6 +77,16 @@ stats: $(STAMP)  ## recompute fbank mean/std of a shard folder: make stats SHARD
 # ---- demo --------------------------------------------------------------------
 demo: $(STAMP)  ## shard FSDD, pretrain, fine-tune and probe against random init; DEMO=quick is shorter
 	$(PY) -m ssamba.demo --fsdd $(FSDD) --work $(WORK)/demo $(if $(filter quick,$(DEMO)),--quick,)
+
+# ---- continual learning --------------------------------------------------------
+# Needs an encoder: runs/pretrain/fsdd_tiny_cpu/version_0/encoder.pt (ssamba pretrain
+# --config recipes/pretrain/fsdd_tiny_cpu.yaml), or pass INIT=<encoder file>.
+continual: $(STAMP)  ## adapters vs sequential fine-tuning vs probes on 3 FSDD tasks
+	$(PY) -m data_prep shard --corpus fsdd --src $(FSDD) --out $(WORK)/shards/fsdd --workers $(JOBS)
+	$(VENV)/bin/ssamba continual --derive-fsdd $(WORK)/lists/fsdd
+	$(VENV)/bin/ssamba shard --corpus manifest --src $(WORK)/lists/fsdd/speaker.csv --out $(WORK)/shards/fsdd_speaker
+	$(VENV)/bin/ssamba shard --corpus manifest --src $(WORK)/lists/fsdd/parity.csv --out $(WORK)/shards/fsdd_parity
+	$(VENV)/bin/ssamba continual --config recipes/continual/fsdd_cpu.yaml --out $(WORK)/continual/fsdd $(if $(INIT),--init $(INIT),)
 
 clean:  ## remove build and run artefacts (keeps .venv)
 	rm -rf build *.egg-info .pytest_cache .ruff_cache $(WORK) lightning_logs

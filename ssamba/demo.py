@@ -1,27 +1,27 @@
-"""`make demo`: the whole pipeline on the Free Spoken Digit Dataset, on a laptop CPU.
+"""`make demo`: does pretraining pay off? FSDD on a laptop CPU, at several label budgets.
 
     python -m ssamba.demo --fsdd ../shared/data/fsdd --work work/demo [--quick]
 
 1. shard FSDD (3,000 spoken digits, 6 speakers) into WebDataset tars   `ssamba shard`
-2. pretrain a small SSAMBA (ssamba-tiny's design, 4 layers x 64) with  `ssamba pretrain`
-   masked spectrogram patch modelling (recipes/pretrain/fsdd_tiny_cpu.yaml)
-3. fine-tune and linear-probe the pretrained encoder and the same      `ssamba finetune`
-   encoder from random init, on the official split (recording index
-   0-4 = test) and leave-one-speaker-out (LOSO)
-4. print one table (accuracy per init x mode x split, minutes taken), write it as
-   results.md / results.json, plot it to results.png, and say where the logs are.
+2. pretrain a small SSAMBA (ssamba-tiny's design, 4 layers x 64) on    `ssamba pretrain`
+   the training split's audio, labels unused (PRETRAIN_RECIPE)
+3. `ssamba label-efficiency` with that encoder, on the official split  `ssamba label-efficiency`
+   and leave-one-speaker-out: linear probes and fine-tunes of the
+   pretrained encoder and of the same encoder from random init, at
+   1, 5, 20 and all labels per class
+4. print both tables (mean ± std over seeds or folds, pretrained minus random), and say
+   where results.md / results.json / results.png and the logs are.
 
 Every stage runs the real command line in a subprocess, so what the demo does is what a
-user types (each command is printed) and its progress bars show as they run. FSDD is
-read from `--fsdd`, else `$SSAMBA_FSDD`, else cloned from GitHub into the work folder
-(the demo's only network use). `--quick` trains far less and runs 2 LOSO folds: a smoke
-test of the pipeline, not a result.
+user types (each command is printed) and its progress shows as it runs. FSDD is read
+from `--fsdd`, else `$SSAMBA_FSDD`, else cloned from GitHub into the work folder (the
+demo's only network use). `--quick` trains far less, on 2 LOSO folds and one seed: a
+smoke test of the pipeline, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -30,17 +30,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 PRETRAIN_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
-SPLITS = {  # split name -> fine-tuning recipe
-    "official": REPO / "recipes" / "finetune" / "fsdd.yaml",
-    "loso": REPO / "recipes" / "finetune" / "fsdd_loso.yaml",
-}
-INITS = ("pretrained", "random")
-MODES = ("finetune", "linear")
+SPLITS = {"official": [], "loso": ["--loso", "speaker"]}  # split -> label-efficiency options
 
 
 class DemoError(RuntimeError):
@@ -49,40 +43,43 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class Budget:
-    """How much each stage trains, as command-line overrides of the recipes."""
+    """How much each stage trains, as command-line options."""
 
     pretrain: tuple[str, ...]
-    finetune: tuple[str, ...]
-    loso: tuple[str, ...]  # on top of `finetune`, for each leave-one-speaker-out fold
-    loso_folds: str  # "all" or a comma list of speakers
+    official: tuple[str, ...]
+    loso: tuple[str, ...]
 
 
-# 24 LOSO folds (2 inits x 2 modes x 6 speakers) cost what 24 official-split runs do:
-# at the recipe's 10 epochs the demo took 41 minutes here, so folds train fewer.
-LOSO_EPOCHS = 5
+# Measured on a 2-core CPU shared with other jobs (load ~10): a 60-step fine-tune took
+# ~50 s, probes of 4 encoders ~1.5 min, LOSO with fine-tunes at 5 labels/class 16 min.
+# Fine-tuning with every label (3 epochs, 228 steps) runs on the official split only.
 FULL = Budget(
-    pretrain=(), finetune=(), loso=(f"--trainer.max_epochs={LOSO_EPOCHS}",), loso_folds="all"
+    pretrain=(),
+    official=(
+        "--labels-per-class=1,5,20,all",
+        "--finetune-labels-per-class=5,all",
+        "--finetune-epochs=3",
+        "--seeds=0,1,2",
+    ),
+    # six folds (one per speaker) are the repeats; one seed each keeps it within budget
+    loso=("--labels-per-class=1,5,20,all", "--finetune-labels-per-class=5", "--seeds=0"),
 )
 QUICK = Budget(
     pretrain=("--trainer.max_steps=30", "--trainer.val_check_interval=30"),
-    finetune=("--trainer.max_epochs=1", "--trainer.limit_train_batches=8"),
-    loso=(),
-    loso_folds="george,theo",
+    official=(
+        "--labels-per-class=5,all",
+        "--finetune-labels-per-class=5",
+        "--seeds=0",
+        "--finetune-min-steps=5",
+    ),
+    loso=(
+        "--labels-per-class=5",
+        "--seeds=0",
+        "--folds=george,theo",
+        "--finetune-min-steps=5",
+        "--finetune-epochs=1",
+    ),
 )
-
-
-@dataclass
-class Run:
-    """One cell of the results table."""
-
-    init: str
-    mode: str
-    split: str
-    mean: float
-    std: float
-    folds: int
-    minutes: float
-    log_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,16 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             ["--workers", "2"],
         )
         encoder = pretrain(shards, work, budget)
-        runs = [
-            finetune(encoder, shards, work, budget, init, mode, split)
-            for split in SPLITS
-            for init in INITS
-            for mode in MODES
-        ]
+        outputs = [label_efficiency(encoder, shards, work, split, budget) for split in SPLITS]
     except DemoError as err:
         print(f"\nssamba demo: {err}", file=sys.stderr)
         return 1
-    report(runs, work, (time.monotonic() - started) / 60, args.quick)
+    report(outputs, work, (time.monotonic() - started) / 60, args.quick)
     return 0
 
 
@@ -120,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fsdd", type=Path, help="FSDD folder (with recordings/)")
     parser.add_argument("--work", type=Path, default=Path("work/demo"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="minutes, not half an hour")
+    parser.add_argument("--quick", action="store_true", help="minutes, not an hour")
     return parser
 
 
@@ -149,7 +141,7 @@ def pretrain(shards: Path, work: Path, budget: Budget) -> Path:
     out = work / "pretrain"
     shutil.rmtree(out, ignore_errors=True)  # encoder.pt must come from this run
     run_stage(
-        "2/3 pretrain SSAMBA (fsdd_tiny_cpu recipe)",
+        f"2/3 pretrain SSAMBA ({PRETRAIN_RECIPE.stem} recipe)",
         ["pretrain", "--config", str(PRETRAIN_RECIPE)],
         [*pretrain_data_args(shards, out), *budget.pretrain],
     )
@@ -169,39 +161,21 @@ def pretrain_data_args(shards: Path, out: Path) -> list[str]:
     ]
 
 
-def finetune(
-    encoder: Path, shards: Path, work: Path, budget: Budget, init: str, mode: str, split: str
-) -> Run:
-    """One fine-tuning run (all its folds for LOSO); returns its row of the table."""
-    out = work / "finetune" / split / f"{init}-{mode}"
+def label_efficiency(encoder: Path, shards: Path, work: Path, split: str, budget: Budget) -> Path:
+    """`ssamba label-efficiency` on one split with the demo's encoder; returns its folder."""
+    out = work / "label-efficiency" / split
     shutil.rmtree(out, ignore_errors=True)
     options = [
-        f"--data.shards={shards}",
-        f"--model.mode={mode}",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
-        *init_args(encoder, init),
-        *budget.finetune,
+        f"--shards={shards}",
+        f"--encoder={encoder}",
+        f"--out={out}",
+        *SPLITS[split],
+        *(budget.official if split == "official" else budget.loso),
     ]
-    if split == "loso":
-        options += [*budget.loso, f"--folds={budget.loso_folds}"]
-    title = f"3/3 {mode} {init} encoder, {split} split"
-    minutes = run_stage(title, ["finetune", "--config", str(SPLITS[split])], options)
-    results = read_results(out / "results.json")
-    folds = len(results["folds"]) if results.get("folds") else 1
-    return Run(init, mode, split, results["mean"], results["std"], folds, minutes, out)
-
-
-def init_args(encoder: Path, init: str) -> list[str]:
-    """The pretrained file, or random weights in exactly the architecture it holds."""
-    if init == "pretrained":
-        return [f"--model.init={encoder}"]
-    from ssamba.models.checkpoints import load_encoder
-
-    cfg = load_encoder(encoder).cfg.to_dict()
-    # every field is given, so the preset size is only a starting point that gets overridden
-    spec = {"size": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
-    return ["--model.init=random", f"--model.encoder={json.dumps(spec)}"]
+    run_stage(f"3/3 label efficiency, {split} split", ["label-efficiency"], options)
+    if not (out / "results.md").is_file():
+        raise DemoError(f"{out / 'results.md'}: missing; label-efficiency should have written it")
+    return out
 
 
 def run_stage(title: str, command: list[str], options: list[str]) -> float:
@@ -217,81 +191,15 @@ def run_stage(title: str, command: list[str], options: list[str]) -> float:
     return minutes
 
 
-def read_results(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DemoError(f"{path}: missing; `ssamba finetune` should have written it")
-    return json.loads(path.read_text())
-
-
 # ---------------------------------------------------------------------------- report
-def report(runs: list[Run], work: Path, minutes: float, quick: bool) -> None:
-    """Print the table, write results.md/.json and results.png, name the log folders."""
-    table = format_table(runs, minutes, quick)
-    print("\n" + table)
-    (work / "results.md").write_text(table + "\n")
-    rows = [{**run.__dict__, "log_dir": str(run.log_dir)} for run in runs]
-    (work / "results.json").write_text(json.dumps({"minutes": minutes, "runs": rows}, indent=2))
-    plot = plot_results(runs, work / "results.png")
-    print(f"\ntable:       {work / 'results.md'}")
-    print(f"plot:        {plot}")
-    print(f"logs:        tensorboard --logdir {work}   (pretraining curves and reconstructions,")
-    print("             fine-tuning loss/accuracy per run and fold)")
-
-
-def format_table(runs: list[Run], minutes: float, quick: bool) -> str:
-    """Markdown table: accuracy (mean +/- std over folds) per init x mode x split."""
-    lines = [
-        "| init | mode | split | test accuracy | folds | minutes |",
-        "|---|---|---|---|---|---|",
-    ]
-    for run in runs:
-        spread = f" ± {run.std * 100:.1f}" if run.folds > 1 else ""
-        lines.append(
-            f"| {run.init} | {run.mode} | {run.split} | {run.mean * 100:.1f}%{spread} | "
-            f"{run.folds} | {run.minutes:.1f} |"
-        )
-    kind = (
-        "quick smoke run, not a result"
-        if quick
-        else f"LOSO folds train {LOSO_EPOCHS} epochs, official-split runs the recipe's"
-    )
-    lines.append(f"\nFSDD digits (10 classes, chance 10%); {kind}; {minutes:.1f} minutes in all.")
-    return "\n".join(lines)
-
-
-def plot_results(runs: list[Run], path: Path) -> Path:
-    """Grouped bars: accuracy per split, one bar per init x mode, LOSO std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    combos = [(init, mode) for init in INITS for mode in MODES]
-    width = 0.8 / len(combos)
-    for i, (init, mode) in enumerate(combos):
-        cells = [
-            next(r for r in runs if (r.init, r.mode, r.split) == (init, mode, s)) for s in SPLITS
-        ]
-        xs = [j + (i - (len(combos) - 1) / 2) * width for j in range(len(SPLITS))]
-        ax.bar(
-            xs,
-            [c.mean * 100 for c in cells],
-            width,
-            yerr=[c.std * 100 for c in cells],
-            capsize=3,
-            label=f"{init} {mode}",
-        )
-    ax.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xticks(range(len(SPLITS)), ["official split", "leave one speaker out"])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("FSDD digits: pretrained vs random-init SSAMBA encoder")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def report(outputs: list[Path], work: Path, minutes: float, quick: bool) -> None:
+    """Print both tables and say where the results, plots and logs are."""
+    kind = "quick smoke run, not a result" if quick else "the demo's budget"
+    print(f"\n=== FSDD digits (10 classes, chance 10%); {kind}; {minutes:.1f} minutes in all")
+    for out in outputs:
+        print(f"\n{out.name} split ({out}):\n" + (out / "results.md").read_text())
+        print(f"plot:        {out / 'results.png'}")
+    print(f"logs:        tensorboard --logdir {work}   (pretraining curves and reconstructions)")
 
 
 if __name__ == "__main__":

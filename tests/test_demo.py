@@ -6,32 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from _encoder_files import write_small_encoder
 
-from ssamba import demo
-from ssamba.models.checkpoints import load_encoder
-from ssamba.tasks.classify import encoder_from_spec
-
-
-def _runs(tmp_path: Path) -> list[demo.Run]:
-    return [
-        demo.Run(
-            init, mode, split, 0.3 + 0.08 * i, 0.05 if split == "loso" else 0.0, 6, 1.0, tmp_path
-        )
-        for i, (split, init, mode) in enumerate(
-            (s, i, m) for s in demo.SPLITS for i in demo.INITS for m in demo.MODES
-        )
-    ]
-
-
-def test_random_init_rebuilds_exactly_the_pretrained_architecture(tmp_path: Path) -> None:
-    encoder_file = write_small_encoder(tmp_path / "encoder.pt")
-    init, encoder_arg = demo.init_args(encoder_file, "random")
-
-    spec = json.loads(encoder_arg.removeprefix("--model.encoder="))
-
-    assert init == "--model.init=random"
-    assert encoder_from_spec(spec) == load_encoder(encoder_file).cfg
+from ssamba import demo, label_efficiency
 
 
 def test_fsdd_is_found_in_the_given_folder_without_cloning(
@@ -44,34 +20,32 @@ def test_fsdd_is_found_in_the_given_folder_without_cloning(
     assert not (tmp_path / "fsdd").exists()
 
 
-def test_table_has_one_row_per_init_mode_split_and_the_plot_is_a_png(tmp_path: Path) -> None:
-    runs = _runs(tmp_path)
-
-    table = demo.format_table(runs, minutes=12.3, quick=False)
-    plot = demo.plot_results(runs, tmp_path / "results.png")
-
-    rows = [
-        line
-        for line in table.splitlines()
-        if line.startswith("| pretrained") or line.startswith("| random")
-    ]
-    assert len(rows) == 8
-    assert "| random | linear | loso | 86.0% ± 5.0 | 6 | 1.0 |" in table
-    assert "12.3 minutes" in table
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.parametrize("budget", [demo.FULL, demo.QUICK], ids=["full", "quick"])
+def test_every_split_option_is_one_label_efficiency_accepts(budget: demo.Budget) -> None:
+    parser = label_efficiency.build_parser()
+    for split, extra in demo.SPLITS.items():
+        options = budget.official if split == "official" else budget.loso
+        args = parser.parse_args(["--shards", "s", *extra, *options])
+        budgets = label_efficiency.parse_budgets(args.labels_per_class)
+        tuned = label_efficiency.parse_budgets(args.finetune_labels_per_class or "all")
+        assert budgets and (not args.finetune_labels_per_class or set(tuned) <= set(budgets))
+        assert (args.loso == "speaker") == (split == "loso")
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_reports_eight_accuracies(
+@pytest.mark.timeout(1500)
+def test_quick_demo_runs_every_stage_and_reports_both_splits(
     fsdd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = demo.main(["--fsdd", str(fsdd_dir), "--work", str(tmp_path), "--quick"])
 
     assert code == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["runs"]) == 8
-    assert all(0.0 <= run["mean"] <= 1.0 for run in results["runs"])
-    assert {run["folds"] for run in results["runs"] if run["split"] == "loso"} == {2}
-    assert (tmp_path / "results.png").is_file()
+    for split, folds in (("official", {"official"}), ("loso", {"george", "theo"})):
+        out = tmp_path / "label-efficiency" / split
+        results = json.loads((out / "results.json").read_text())
+        assert {r["fold"] for r in results["runs"]} == folds
+        assert {r["init"] for r in results["runs"]} == {"pretrained", "random"}
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
+        assert (out / "results.png").is_file()
     out = capsys.readouterr().out
-    assert "tensorboard --logdir" in out and str(tmp_path / "results.png") in out
+    assert "tensorboard --logdir" in out and "pretrained - random" in out

@@ -1,4 +1,4 @@
-"""Dispatch `python -m ssamba.bench <name>` to `ssamba.bench.<name>.run`."""
+"""`ssamba bench <name>` (or `python -m ssamba.bench <name>`): runs `ssamba.bench.<name>.run`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,20 @@ BENCHMARKS = {
     "mixer": "mixers: bidirectional Mamba vs attention, forward+backward vs tokens",
     "data": "decode + fbank throughput per worker on 10 s clips",
     "train": "pretraining steps/s, ssamba-tiny vs ssast-tiny at 512 tokens",
+    "fta": "factorized time/frequency attention vs full attention: FLOPs and time vs grid",
+    "efficiency": "tiny ssamba/aum/ssast (sdpa, naive, fta): time + peak memory vs tokens "
+    "512..32k, inference and training; CSV, markdown, plot (over an hour: not in `all`)",
 }
+# Run only by name: `all` would otherwise take hours on a CPU.
+NOT_IN_ALL = {"efficiency"}
+
+
+PROG = "ssamba bench"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ssamba.bench",
+        prog=PROG,
         description="Run speed/memory benchmarks; print a table and write CSV.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="benchmarks:\n" + "\n".join(f"  {k:6s} {v}" for k, v in BENCHMARKS.items()),
@@ -28,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="CSV folder")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     args = parser.parse_args(argv)
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n not in NOT_IN_ALL] if args.name == "all" else [args.name]
     for name in names:
         module = importlib.import_module(f"ssamba.bench.{name}")
         print(f"== {name}: {BENCHMARKS[name]}")
