@@ -251,6 +251,67 @@ def test_cpp_kernel_accepts_broadcast_output_gradients():
         torch.testing.assert_close(inputs[k].grad, ref[k].grad, atol=1e-4, rtol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpp_kernel_fused_options_equal_their_composition(reverse):
+    """The options the fused mixer uses: delta = dt_weight @ dt computed in the kernel (d dt
+    and d dt_weight out), out scaled and added to an existing tensor, the output recomputed
+    by the backward, gradients added to given tensors."""
+    kernel = scan.load_cpu_kernel()
+    batch, dim, rank, length, scale = 2, 21, 3, 150, 0.5
+    inputs = {k: v.detach().float() for k, v in make_inputs(batch, dim, 16, length).items()}
+    g = torch.Generator().manual_seed(5)
+    dt = torch.randn(batch, rank, length, generator=g).requires_grad_()
+    dt_weight = (torch.randn(dim, rank, generator=g) * 0.5).requires_grad_()
+    u, A, B, C, D, z, bias = (inputs[k] for k in ("u", "A", "B", "C", "D", "z", "delta_bias"))
+    previous = torch.randn(batch, dim, length, generator=g)
+    dout = torch.randn(batch, dim, length, generator=g)
+
+    out = previous.clone()
+    *_, states = kernel.scan_forward(
+        u, dt.detach(), A, B, C, D, z, bias, True, reverse, scan.CHUNK, scale, out, True,
+        dt_weight.detach(), None, True,
+    )  # fmt: skip
+    delta = torch.einsum("dr,brl->bdl", dt_weight, dt)
+    leaves = [u, A, B, C, D, z, bias]
+    for t in leaves:
+        t.requires_grad_()
+    want = selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True, reverse=reverse)
+    torch.testing.assert_close(out, previous + scale * want.detach(), atol=1e-5, rtol=1e-5)
+
+    du, dz, y = (torch.randn(batch, length, dim, generator=g).transpose(1, 2) for _ in range(3))
+    du0, dz0, y0 = du.clone(), dz.clone(), y.clone()
+    grads = kernel.scan_backward(
+        dout, None, u.detach(), dt.detach(), A.detach(), B.detach(), C.detach(), D.detach(),
+        z.detach(), bias.detach(), states, True, reverse, scan.CHUNK, scale, du, None, dz, y,
+        True, True, dt_weight.detach(),
+    )  # fmt: skip
+    ddt, dA, dB, dC, dD, dbias, d_dt_weight = (grads[i] for i in (1, 2, 3, 4, 5, 7, 8))
+    names = ("u", "dt", "dt_weight", "A", "B", "C", "D", "z", "delta_bias")
+    want_grads = torch.autograd.grad(want, [u, dt, dt_weight, A, B, C, D, z, bias], scale * dout)
+    got = (du - du0, ddt, d_dt_weight, dA, dB, dC, dD, dz - dz0, dbias)
+    for name, a, b in zip(names, got, want_grads, strict=True):
+        assert_close(f"d{name}", a, b)
+    torch.testing.assert_close(y, y0 + scale * want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_scan_op_runs_in_a_compiled_graph_and_passes_opcheck():
+    inputs = make_inputs(2, 19, 16, 70, dtype=torch.float32)
+    args = [inputs[k] for k in NAMES]
+
+    def f(*args):
+        out, last = selective_scan_cpp(*args, delta_softplus=True, return_last_state=True)
+        return out.square().sum() + last.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*args), args)
+    want = torch.autograd.grad(f(*args), args)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    detached = [t.detach().requires_grad_() for t in args]
+    torch.library.opcheck(torch.ops.ssamba.selective_scan.default, (*detached, True, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_are_computed_in_float32(dtype):
     inputs = make_inputs(2, 8, 16, 40, dtype=dtype)

@@ -4,12 +4,14 @@ Two sweeps, every configuration measured in a fresh process so one run's memory 
 hide in another's numbers:
 
 - mixer: forward + backward of one token mixer at d=192, batch 4: the bidirectional
-  Mamba v2 mixer, the attention mixer (qkv Linear, attention, proj Linear) with SDPA and
-  with the naive (L x L) attention of the original SSAST;
+  Mamba v2 mixer (on CPU the fused path of `ssamba.models.fused`; "-composed" is the
+  unfused reference path, `use_fast_path=False`), the attention mixer (qkv Linear,
+  attention, proj Linear) with SDPA and with the naive (L x L) attention of the original
+  SSAST;
 - encoder: inference of ssamba-tiny vs ssast-tiny (fp32, no_grad, mean pooling, batch 4,
   16x16 patches with stride 16, so tokens = frames / 2), as SSAMBA's efficiency figure
   (`src/inference/inference_amba.py`), with SSAST both with the original naive attention
-  and with SDPA.
+  and with SDPA (`python -m ssamba.bench efficiency` goes to 32k tokens).
 
 Time is the median wall time (CUDA-synchronised on GPU). Memory is the peak above what
 the process held before the first call: resident set size on CPU (so it includes
@@ -27,7 +29,7 @@ MIXER_TOKENS = [256, 512, 1024, 2048, 4096]
 ENCODER_TOKENS = [512, 1024, 2048, 4096]
 QUICK_LIMIT = 1024
 DIM, BATCH, HEADS = 192, 4, 3
-MIXERS = ("mamba-v2", "attention-sdpa", "attention-naive")
+MIXERS = ("mamba-v2", "mamba-v2-composed", "attention-sdpa", "attention-naive")
 # name -> (family, EncoderConfig overrides); the original SSAST computed attention naively.
 ENCODERS = {
     "ssamba-tiny": ("ssamba", {}),
@@ -95,8 +97,8 @@ def _mixer_step(model: str, tokens: int, device):
     from ssamba.models.mamba import MambaMixer
     from ssamba.models.transformer import Attention
 
-    if model == "mamba-v2":
-        mixer = MambaMixer(DIM, bimamba="v2")
+    if model.startswith("mamba-v2"):
+        mixer = MambaMixer(DIM, bimamba="v2", use_fast_path=model == "mamba-v2")
     else:
         mixer = Attention(DIM, HEADS, impl=model.removeprefix("attention-"))
     mixer = mixer.to(device)

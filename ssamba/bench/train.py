@@ -7,13 +7,18 @@ of 1024-frame, 128-bin filterbanks (random values, as the model cost does not de
 them) cut into 16 x 16 patches with stride 16: 8 x 64 = 512 tokens, the pretraining
 geometry. Models:
 
-- ssamba-tiny: 24 bidirectional Mamba v2 layers, D=192 (our C++ scan on CPU);
+- ssamba-tiny: 24 bidirectional Mamba v2 layers, D=192 (the fused CPU mixer, which
+  recomputes in_proj's output in its backward instead of keeping it);
+- ssamba-tiny-keep-xz: the same keeping in_proj's output (`recompute_in_proj=False`):
+  faster, more memory;
 - ssast-tiny-sdpa: DeiT-tiny, 12 blocks, D=192, attention with torch's SDPA;
-- ssast-tiny-naive: the same with the original SSAST's explicit L x L attention.
+- ssast-tiny-naive: the same with the original SSAST's explicit L x L attention;
+- *-bf16: the step under `torch.autocast("cpu", torch.bfloat16)` (the recipes train in
+  float32; this shows what bf16 would give on this CPU).
 
 Each model runs in a fresh process (one warm-up step, then the median of the timed
-steps). `vs_ssast` is ssast-tiny-sdpa's step time over the row's: above 1 is faster than
-SSAST. `peak_mb` is the growth of the resident set during the steps (activations,
+steps). `vs_ssast` is ssast-tiny-sdpa's step time (in the row's precision) over the
+row's: above 1 is faster than SSAST. `peak_mb` is the growth of the resident set during the steps (activations,
 gradients, optimizer state, allocator slack). The machine's 1-minute load average is
 recorded next to each row, since other jobs on a shared machine slow every number.
 """
@@ -27,13 +32,16 @@ from pathlib import Path
 from ssamba.bench.report import in_fresh_process, peak_rss_bytes, rss_bytes
 
 BATCH, FRAMES, N_MASKED = 8, 1024, 400
-# name -> (family, EncoderConfig overrides)
+# name -> (family, EncoderConfig overrides, MambaMixer attributes, autocast to bf16)
 MODELS = {
-    "ssamba-tiny": ("ssamba", {}),
-    "ssast-tiny-sdpa": ("ssast", {"attention": "sdpa"}),
-    "ssast-tiny-naive": ("ssast", {"attention": "naive"}),
+    "ssamba-tiny": ("ssamba", {}, {}, False),
+    "ssamba-tiny-keep-xz": ("ssamba", {}, {"recompute_in_proj": False}, False),
+    "ssast-tiny-sdpa": ("ssast", {"attention": "sdpa"}, {}, False),
+    "ssast-tiny-naive": ("ssast", {"attention": "naive"}, {}, False),
+    "ssamba-tiny-bf16": ("ssamba", {}, {}, True),
+    "ssast-tiny-sdpa-bf16": ("ssast", {"attention": "sdpa"}, {}, True),
 }
-REFERENCE = "ssast-tiny-sdpa"
+REFERENCE = {False: "ssast-tiny-sdpa", True: "ssast-tiny-sdpa-bf16"}  # per precision
 
 
 def run(out_dir: Path, quick: bool) -> list[dict]:
@@ -41,9 +49,9 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
     steps = 2 if quick else 5
     # A fresh process per model: one model's memory and allocator state stay its own.
     rows = [in_fresh_process(_measure, model, steps) for model in MODELS]
-    reference = next(r["s_per_step"] for r in rows if r["model"] == REFERENCE)
+    seconds = {r["model"]: r["s_per_step"] for r in rows}
     for row in rows:
-        row["vs_ssast"] = reference / row["s_per_step"]
+        row["vs_ssast"] = seconds[REFERENCE[row["bf16"]]] / row["s_per_step"]
     return rows
 
 
@@ -54,18 +62,24 @@ def _measure(model: str, steps: int) -> dict:
     sleeping_openmp_threads()  # as `ssamba pretrain` runs (before torch is imported)
     import torch
 
+    from ssamba.models.encoder import EncoderConfig
+    from ssamba.models.mamba import MambaMixer
     from ssamba.models.scan import resolve_implementation
     from ssamba.tasks.pretrain import PretrainTask
 
     torch.manual_seed(0)
-    family, overrides = MODELS[model]
+    family, overrides, mixer_settings, bf16 = MODELS[model]
     task = PretrainTask(
-        {"family": family, "size": "tiny", **overrides},
+        EncoderConfig.preset(family, "tiny", **overrides),
         input_frames=FRAMES,
         n_masked=N_MASKED,
         warmup_steps=0,
     )
     task.train()
+    for module in task.modules():
+        if isinstance(module, MambaMixer):
+            for name, value in mixer_settings.items():
+                setattr(module, name, value)
     optimizer = task.configure_optimizers()
     fbank = torch.randn(BATCH, FRAMES, task.encoder.cfg.num_mel_bins)
     masks = torch.Generator().manual_seed(0)
@@ -73,7 +87,9 @@ def _measure(model: str, steps: int) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        task.mspm(fbank, N_MASKED, masks).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = task.mspm(fbank, N_MASKED, masks).loss
+        loss.backward()
         optimizer.step()
 
     step()  # warm-up: kernel load, allocator growth
@@ -89,6 +105,7 @@ def _measure(model: str, steps: int) -> dict:
         "tokens": task.encoder.num_patches,
         "batch": BATCH,
         "n_masked": N_MASKED,
+        "bf16": bf16,
         "params_m": sum(p.numel() for p in task.parameters()) / 1e6,
         "s_per_step": median,
         "steps_per_s": 1 / median,

@@ -24,15 +24,20 @@ Both directions are summed; `divide_out` halves the sum (Vim's `if_devide_out`, 
 on in SSAMBA). Upstream's fused v1 kernel never halves, so faithful v1 presets set it off.
 
 Upstream's non-CUDA path silently drops the backward direction (the `*_b` parameters are
-ignored); here every path computes both. On CUDA with `mamba_ssm` importable, "none" and
-"v2" run mamba-ssm's fused `mamba_inner_fn` (flips for the backward direction); everything
-else composes the depthwise conv and `ssamba.models.scan.selective_scan_fn`, whose
-`reverse=True` runs time backwards. The conv is causal-conv1d's kernel on CUDA when
-present, our C++ kernel on CPU when the scan runs the C++ kernel (float32/float64), else
-PyTorch's conv1d. On CPU no activation is flipped or copied: x and z stay channels-last
-views of in_proj's output, the conv writes channels-last u, and x_proj, the scan and
-out_proj read and write that layout directly. The parameters are the same on every path,
-so checkpoints move between them.
+ignored); here every path computes both. Paths, all with the same parameters (checkpoints
+move between them):
+- CPU, C++ kernels available (the default): `ssamba.models.fused.mamba_inner`, one
+  torch.library op for in_proj ... out_proj with its own backward, which keeps no
+  (batch, length, d_inner) activation (see that module). `recompute_in_proj=False` keeps
+  in_proj's output instead of recomputing it (~5% faster steps, ~450 MB more for a
+  ssamba-tiny pretraining step).
+- CUDA with mamba-ssm's Mamba-1 kernels and causal-conv1d: "none" and "v2" run mamba-ssm's
+  fused `mamba_inner_fn` (flips for the backward direction).
+- Otherwise, and with `use_fast_path=False` or SSAMBA_SCAN=ref|chunked (the reference):
+  the composed path, the depthwise conv then `ssamba.models.scan.selective_scan_fn`,
+  whose `reverse=True` runs time backwards. The conv is causal-conv1d's kernel on CUDA
+  when present, our C++ kernel on CPU when the scan runs the C++ kernel (float32/float64),
+  else PyTorch's conv1d. On CPU x and z stay channels-last views of in_proj's output.
 """
 
 from __future__ import annotations
@@ -44,17 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssamba.models import fused
 from ssamba.models.layers import DropPath
-from ssamba.models.scan import load_cpu_kernel, resolve_implementation, selective_scan_fn
+from ssamba.models.scan import CUDA_KERNELS, resolve_implementation, selective_scan_fn
 
-try:  # optional CUDA kernels (pip install 'ssamba[cuda]')
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
-try:
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-except ImportError:
-    mamba_inner_fn = None
+# Optional CUDA kernels (pip install 'ssamba[cuda]'); None where missing, with one warning
+# at import on a machine with a GPU (`ssamba.models.scan.CUDA_KERNELS`).
+causal_conv1d_fn = CUDA_KERNELS.causal_conv1d_fn
+mamba_inner_fn = CUDA_KERNELS.mamba_inner_fn
 
 BimambaType = Literal["none", "v1", "v2"]
 BIMAMBA_TYPES = ("none", "v1", "v2")
@@ -89,6 +91,7 @@ class MambaMixer(nn.Module):
         divide_out: bool = True,
         n_residual_layers: int | None = None,
         use_fast_path: bool = True,
+        recompute_in_proj: bool = True,
     ) -> None:
         super().__init__()
         if bimamba not in BIMAMBA_TYPES:
@@ -99,6 +102,7 @@ class MambaMixer(nn.Module):
         self.bimamba = bimamba
         self.divide_out = divide_out
         self.use_fast_path = use_fast_path
+        self.recompute_in_proj = recompute_in_proj
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = self._make_conv(conv_bias)
@@ -152,8 +156,17 @@ class MambaMixer(nn.Module):
         return self.bimamba != "none"
 
     # ------------------------------------------------------------------ forward
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden: (batch, length, d_model) -> (batch, length, d_model)."""
+    def forward(self, hidden: Tensor, reverse: bool = False) -> Tensor:
+        """hidden: (batch, length, d_model) -> (batch, length, d_model).
+
+        `reverse` gives the mixer of the time-reversed sequence, flipped back,
+        flip(mixer(flip(hidden))), as the second layer of SSAMBA's layer pairs computes it;
+        the fused CPU path swaps the directions' time instead of flipping anything.
+        """
+        if self._cpu_fused_ok(hidden):
+            return fused.mamba_inner(hidden, self, reverse)
+        if reverse:
+            return self(hidden.flip(1)).flip(1)
         if self._fused_ok(hidden):
             return self._forward_fused(hidden)
         # (batch, d_inner, length) views of the channels-last projection: no copies, and the
@@ -248,11 +261,21 @@ class MambaMixer(nn.Module):
                 return out.flip(-1)
             return causal_conv1d_fn(x.contiguous(), weight, conv.bias, activation="silu")
         if _cpu_conv_applies(x, conv):
-            return _CausalConv1dSilu.apply(x, conv.weight, conv.bias, look_ahead)
+            return fused.causal_conv1d_silu(x, conv.weight, conv.bias, look_ahead)
         k, length = self.d_conv, x.shape[-1]
         weight = conv.weight.flip(-1) if look_ahead else conv.weight
         out = F.conv1d(x, weight, conv.bias, padding=k - 1, groups=self.d_inner)
         return F.silu(out[..., k - 1 :] if look_ahead else out[..., :length])
+
+    def _cpu_fused_ok(self, hidden: Tensor) -> bool:
+        """The fused CPU path (`ssamba.models.fused`) runs where the C++ scan does;
+        `use_fast_path=False` or SSAMBA_SCAN=ref|chunked keep the composed path."""
+        return (
+            self.use_fast_path
+            and hidden.device.type == "cpu"
+            and self.dt_rank <= fused.MAX_DT_RANK
+            and resolve_implementation(hidden.device) == "cpp"
+        )
 
     def _fused_ok(self, hidden: Tensor) -> bool:
         return (
@@ -309,29 +332,6 @@ def _cpu_conv_applies(x: Tensor, conv: nn.Conv1d) -> bool:
     )
 
 
-class _CausalConv1dSilu(torch.autograd.Function):
-    """silu(depthwise causal or look-ahead conv1d) by the C++ CPU kernel (`csrc/causal_conv1d.cpp`).
-
-    x: (batch, d_inner, length), any strides; weight: (d_inner, 1, d_conv); bias: (d_inner,)
-    or None. Returns (batch, d_inner, length) with channels-last memory. The backward
-    recomputes the pre-activation from x instead of saving it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, look_ahead):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.look_ahead = look_ahead
-        return load_cpu_kernel().conv_forward(x, weight.squeeze(1).contiguous(), bias, look_ahead)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias = load_cpu_kernel().conv_backward(
-            dout, x, weight.squeeze(1).contiguous(), bias, ctx.look_ahead
-        )
-        return dx, dweight.view_as(weight), dbias, None
-
-
 def _state_matrix(A_log: Tensor) -> Tensor:
     """A = -exp(A_log) in float32: (d_inner, d_state), negative so every state decays."""
     return -torch.exp(A_log.float())
@@ -354,7 +354,14 @@ class MambaBlock(nn.Module):
         self.norm = norm
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """hidden, residual: (batch, tokens, dim) -> (mixer output, new residual)."""
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """hidden, residual: (batch, tokens, dim) -> (mixer output, new residual).
+
+        `reverse`: the block of the time-reversed sequence, with its outputs flipped back;
+        equal to flipping hidden and residual first and both outputs after (the add, norm and
+        drop path work token by token), without the flips on the fused CPU path.
+        """
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        return self.mixer(self.norm(residual)), residual
+        return self.mixer(self.norm(residual), reverse=reverse), residual

@@ -18,9 +18,15 @@ Implementations, all with the same signature:
   backward; built on first use, together with the mixer's conv kernel (`load_cpu_kernel`).
 - `selective_scan_cuda`: mamba-ssm's fused CUDA kernel (reverse via flips).
 
-`selective_scan_fn` dispatches: CUDA tensors -> mamba-ssm if importable; CPU -> the C++
-kernel, or the chunked scan with one warning if the kernel cannot be built. The
-environment variable `SSAMBA_SCAN=ref|chunked|cpp|auto` forces one implementation.
+`selective_scan_fn` dispatches: CUDA tensors -> mamba-ssm if its Mamba-1 CUDA scan
+imports (`CUDA_KERNELS`, checked once at import, with one warning on a GPU machine where
+it is missing); CPU -> the C++ kernel, or the chunked scan with one warning if the kernel
+cannot be built. The environment variable `SSAMBA_SCAN=ref|chunked|cpp|auto` forces one
+implementation (read when torch.compile traces, so set it before compiling).
+
+The C++ scan is registered as the torch.library ops `ssamba::selective_scan` and
+`ssamba::selective_scan_backward` with fake implementations, so it runs inside
+`torch.compile(fullgraph=True)` graphs and `torch.export` programs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -338,44 +345,103 @@ def cpu_kernel_available() -> bool:
     return True
 
 
-class _CppSelectiveScan(torch.autograd.Function):
-    """Forward keeps only the state every CHUNK steps; backward recomputes each chunk
-    from it and runs the adjoint recurrence, so memory stays ~B*D*N*L/CHUNK."""
+# The kernel as torch.library ops, so it also runs inside torch.compile'd graphs and
+# torch.export'ed programs; the fake (meta) implementations give the real outputs' strides.
+@torch.library.custom_op("ssamba::selective_scan", mutates_args=())
+def _scan_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out (u's strides), last_state (batch, dim, d_state) and the state entering every
+    CHUNK-step chunk (batch, chunks, d_state, dim), which the backward restarts from."""
+    out, last_state, chunk_states = load_cpu_kernel().scan_forward(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, CHUNK, 1.0, None, False, None,
+        None, True,
+    )  # fmt: skip
+    return out, last_state, chunk_states
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        out, last_state, chunk_states = load_cpu_kernel().scan_forward(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, CHUNK
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
-        ctx.options = (delta_softplus, reverse)
-        # An unused last_state (the usual case) then reaches backward as None, not zeros.
-        ctx.set_materialize_grads(False)
-        return out, last_state
 
-    @staticmethod
-    def backward(ctx, dout, dlast_state):
-        u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
-        delta_softplus, reverse = ctx.options
-        if dout is None:
-            dout = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = load_cpu_kernel().scan_backward(
-            dout,
-            dlast_state,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            chunk_states,
-            delta_softplus,
-            reverse,
-            CHUNK,
-        )
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    chunks = max(1, -(-length // CHUNK))
+    last_state = u.new_empty(batch, d_state, dim).transpose(1, 2)
+    return torch.empty_like(u), last_state, u.new_empty(batch, chunks, d_state, dim)
+
+
+@torch.library.custom_op("ssamba::selective_scan_backward", mutates_args=())
+def _scan_backward_op(
+    dout: Tensor,
+    dlast_state: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    chunk_states: Tensor,
+    delta_softplus: bool,
+    reverse: bool,
+) -> list[Tensor]:
+    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; an empty tensor for an absent input."""
+    grads = load_cpu_kernel().scan_backward(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
+        delta_softplus, reverse, CHUNK, 1.0, None, None, None, None, False, False, None,
+    )  # fmt: skip
+    return [u.new_empty(0) if g is None else g for g in grads[:8]]
+
+
+@_scan_backward_op.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, *options):
+    def like(t: Tensor | None) -> Tensor:
+        return u.new_empty(0) if t is None else torch.empty_like(t)
+
+    def states_last(t: Tensor) -> Tensor:  # (batch, d_state, length) over (batch, length, d_state)
+        return t.new_empty(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2)
+
+    return [
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        A.new_empty(A.shape),
+        states_last(B),
+        states_last(C),
+        like(D),
+        like(z),
+        like(delta_bias),
+    ]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    *tensors, delta_softplus, reverse = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.options = (delta_softplus, reverse)
+    # An unused last_state (the usual case) then reaches backward as None, not zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _scan_backward(ctx, dout, dlast_state, _dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    grads = _scan_backward_op(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, *ctx.options
+    )
+    given = (u, delta, A, B, C, D, z, delta_bias)
+    return *(g if t is not None else None for g, t in zip(grads, given, strict=True)), None, None
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_cpp(
@@ -403,7 +469,7 @@ def selective_scan_cpp(
     # Per-channel parameters are tiny: contiguous copies cost nothing and simplify the kernel.
     A, D, delta_bias = (None if t is None else t.to(dtype).contiguous() for t in (A, D, delta_bias))
     u, delta, B, C, z = (_cast(t, dtype) for t in (u, delta, B, C, z))
-    out, last_state = _CppSelectiveScan.apply(
+    out, last_state, _ = _scan_op(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse)
     )
     out, last_state = out.to(out_dtype), last_state.to(out_dtype)
@@ -411,8 +477,73 @@ def selective_scan_cpp(
 
 
 # --------------------------------------------------------------------------- CUDA (mamba-ssm)
+class CudaKernels(NamedTuple):
+    """mamba-ssm's Mamba-1 CUDA kernels and causal-conv1d's, each None where not usable."""
+
+    selective_scan_fn: Callable | None  # mamba-ssm's selective scan (selective_scan_cuda)
+    mamba_inner_fn: Callable | None  # its fused conv + scan + out_proj; needs causal-conv1d too
+    causal_conv1d_fn: Callable | None
+    problems: tuple[str, ...]  # why any of them is missing
+
+
+def _find_cuda_kernels() -> CudaKernels:
+    """Import the optional CUDA packages (`pip install 'ssamba[cuda]'`) and check that they
+    hold the compiled kernels: mamba-ssm wheels built without MAMBA_KEEP_CUDA_BUILD lack the
+    Mamba-1 scan, and a wheel built for another torch fails to import."""
+    scan = inner = conv = None
+    problems = []
+    if importlib.util.find_spec("causal_conv1d") is None:
+        problems.append("causal-conv1d is not installed")
+    else:
+        try:
+            from causal_conv1d import causal_conv1d_fn as conv
+        except Exception as err:  # ImportError, or OSError/undefined symbols from a bad build
+            problems.append(f"causal-conv1d does not import ({type(err).__name__}: {err})")
+    if importlib.util.find_spec("mamba_ssm") is None:
+        problems.append("mamba-ssm is not installed")
+    else:
+        try:
+            from mamba_ssm.ops import selective_scan_interface as mamba_ops
+        except Exception as err:
+            problems.append(f"mamba-ssm does not import ({type(err).__name__}: {err})")
+        else:
+            if getattr(mamba_ops, "selective_scan_cuda", None) is None:
+                problems.append(
+                    "mamba-ssm lacks its Mamba-1 CUDA scan (reinstall with "
+                    "MAMBA_KEEP_CUDA_BUILD=TRUE pip install mamba-ssm --no-build-isolation)"
+                )
+            else:
+                scan = mamba_ops.selective_scan_fn
+                if getattr(mamba_ops, "causal_conv1d_fwd_function", conv) is not None:
+                    inner = mamba_ops.mamba_inner_fn
+    return CudaKernels(scan, inner, conv, tuple(problems))
+
+
+def _warn_about_cuda_kernels(kernels: CudaKernels) -> None:
+    """One warning at import where a GPU is present (or the packages are, but broken)."""
+    installed = any(importlib.util.find_spec(m) for m in ("mamba_ssm", "causal_conv1d"))
+    if kernels.problems and (installed or torch.cuda.is_available()):
+        fallback = []
+        if kernels.selective_scan_fn is None:
+            fallback.append("the pure-PyTorch chunked scan (~50x slower)")
+        if kernels.causal_conv1d_fn is None:
+            fallback.append("PyTorch's conv1d")
+        warnings.warn(
+            f"ssamba on CUDA: {'; '.join(kernels.problems)}. The Mamba mixer runs on CUDA "
+            f"with {' and '.join(fallback) or 'the unfused path'} instead "
+            "(pip install 'ssamba[cuda]').",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+CUDA_KERNELS = _find_cuda_kernels()
+_warn_about_cuda_kernels(CUDA_KERNELS)
+
+
 def mamba_ssm_available() -> bool:
-    return importlib.util.find_spec("mamba_ssm") is not None
+    """True if mamba-ssm's Mamba-1 CUDA scan imports."""
+    return CUDA_KERNELS.selective_scan_fn is not None
 
 
 @forward_only
@@ -429,9 +560,11 @@ def selective_scan_cuda(
     return_last_state: bool = False,
 ) -> ScanResult:
     """mamba-ssm's fused CUDA kernel; it has no reverse mode (`forward_only` adds it)."""
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
-
-    return mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if CUDA_KERNELS.selective_scan_fn is None:
+        raise RuntimeError(f"selective scan on CUDA: {'; '.join(CUDA_KERNELS.problems)}")
+    return CUDA_KERNELS.selective_scan_fn(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -455,6 +588,9 @@ def _warn_fallback_once(reason: str) -> None:
         )
 
 
+# torch.compile/export evaluate it once while tracing (building the kernel takes a lock)
+# and use the answer as a constant: set SSAMBA_SCAN before compiling.
+@torch.compiler.assume_constant_result
 def resolve_implementation(device: torch.device) -> str:
     """Name of the implementation `selective_scan_fn` uses for tensors on `device`."""
     choice = os.environ.get(_ENV, "auto").strip().lower() or "auto"
@@ -462,11 +598,8 @@ def resolve_implementation(device: torch.device) -> str:
         raise ValueError(f"{_ENV}={choice!r}: expected one of {', '.join(_CHOICES)}")
     if choice != "auto":
         return choice
-    if device.type == "cuda":
-        if mamba_ssm_available():
-            return "cuda"
-        _warn_fallback_once("mamba-ssm is not installed (pip install 'ssamba[cuda]')")
-        return "chunked"
+    if device.type == "cuda":  # the fallback was announced at import (`CUDA_KERNELS`)
+        return "cuda" if mamba_ssm_available() else "chunked"
     if device.type == "cpu":
         try:
             load_cpu_kernel()

@@ -90,7 +90,14 @@ struct Problem {
   int64_t batch, dim, length, states, chunk, blocks, chunks;
   int64_t groups;  // channel groups per batch element: work items are (batch, group)
   bool softplus, reverse;
+  // out = scale * (y + D u) silu(z): the bidirectional mixer's halving of the two directions'
+  // sum, folded into the kernel (the backward then sees dout * scale).
+  T scale;
   Strided<T> u, delta, z, B, C;
+  // Low-rank delta (the mixer's dt_proj inside the kernel): with dt_weight (dim, rank),
+  // `delta` holds dt (batch, rank, length) and delta = dt_weight @ dt.
+  const T* dt_weight = nullptr;
+  int64_t rank = 0;
   const T* A;     // (dim, states)
   const T* D;     // (dim,) or null
   const T* bias;  // (dim,) or null
@@ -118,7 +125,7 @@ template <typename T>
 Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                         const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                         const at::Tensor& z, const at::Tensor& bias, bool softplus, bool reverse,
-                        int64_t chunk) {
+                        int64_t chunk, double scale, const at::Tensor& dt_weight) {
   Problem<T> p;
   p.batch = u.size(0);
   p.dim = u.size(1);
@@ -130,11 +137,16 @@ Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::
   p.groups = channel_groups(p.batch, p.blocks);
   p.softplus = softplus;
   p.reverse = reverse;
+  p.scale = static_cast<T>(scale);
   p.u = Strided<T>(u);
   p.delta = Strided<T>(delta);
   p.z = Strided<T>(z);
   p.B = Strided<T>(B);
   p.C = Strided<T>(C);
+  if (dt_weight.defined()) {
+    p.dt_weight = dt_weight.data_ptr<T>();
+    p.rank = dt_weight.size(1);
+  }
   p.A = A.data_ptr<T>();
   p.D = D.defined() ? D.data_ptr<T>() : nullptr;
   p.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
@@ -189,25 +201,35 @@ void load_tiles(const Problem<T>& p, const Strided<T>& src, const Item& it, cons
   }
 }
 
+// The inverse of load_tiles; with `accumulate` the tile is added to what dst holds (the
+// second direction of a bidirectional mixer adds its share to the first one's).
 template <typename T>
 void store_tiles(const Problem<T>& p, const Strided<T>& dst, const Item& it, const Span& s,
-                 int64_t stride, const Vec<T>* tile) {
+                 int64_t stride, const Vec<T>* tile, bool accumulate = false) {
   if (s.steps <= 0) return;
   T* origin = &dst.at(it.b, it.c0, p.time_at(s.first));
   const int64_t step = p.reverse ? -dst.st : dst.st, full = (it.c1 - it.c0) / kLanes;
   if (dst.sr == 1) {
     for (int64_t i = 0; i < s.steps; ++i) {
       T* row = origin + i * step;
-      for (int64_t j = 0; j < full; ++j) store(row + j * kLanes, tile[j * stride + i]);
-      for (int64_t c = full * kLanes; c < it.c1 - it.c0; ++c)
-        row[c] = tile[full * stride + i][c - full * kLanes];
+      for (int64_t j = 0; j < full; ++j) {
+        T* r = row + j * kLanes;
+        store(r, accumulate ? load(r) + tile[j * stride + i] : tile[j * stride + i]);
+      }
+      for (int64_t c = full * kLanes; c < it.c1 - it.c0; ++c) {
+        const T v = tile[full * stride + i][c - full * kLanes];
+        row[c] = accumulate ? row[c] + v : v;
+      }
     }
     return;
   }
   for (int64_t c = 0; c < it.c1 - it.c0; ++c) {
     T* column = origin + c * dst.sr;
     const Vec<T>* t = tile + (c / kLanes) * stride;
-    for (int64_t i = 0; i < s.steps; ++i) column[i * step] = t[i][c % kLanes];
+    for (int64_t i = 0; i < s.steps; ++i) {
+      const T v = t[i][c % kLanes];
+      column[i * step] = accumulate ? column[i * step] + v : v;
+    }
   }
 }
 
@@ -254,15 +276,15 @@ class Prefetcher {
   int64_t count_ = 0, lines_ = 0, per_call_ = 0, stream_ = 0, row_ = 0, line_ = 0;
 };
 
-// (step, state) rows of B or C for one batch element over a span.
+// (step, row) values of B, C or dt (rows: states or rank) for one batch element over a span.
 template <typename T>
-void load_state_rows(const Problem<T>& p, const Strided<T>& src, int64_t b, const Span& s,
-                     T* rows) {
+void load_rows(const Problem<T>& p, const Strided<T>& src, int64_t b, const Span& s,
+               int64_t count, T* rows) {
   if (s.steps <= 0) return;
   const T* origin = &src.at(b, 0, p.time_at(s.first));
   const int64_t step = p.reverse ? -src.st : src.st;
   for (int64_t i = 0; i < s.steps; ++i)
-    for (int64_t n = 0; n < p.states; ++n) rows[i * p.states + n] = origin[n * src.sr + i * step];
+    for (int64_t n = 0; n < count; ++n) rows[i * count + n] = origin[n * src.sr + i * step];
 }
 
 // (states) vectors <-> one block of a (states, dim) slice: a saved chunk state, the last
@@ -297,11 +319,18 @@ template <typename T>
 struct Constants {
   using V = Vec<T>;
   std::vector<V> A2, D, bias, lane_mask;
+  std::vector<V> dt_weight;  // (block, rank): the low-rank delta's weights
 
   explicit Constants(const Problem<T>& p)
-      : A2(p.blocks * p.states), D(p.blocks), bias(p.blocks), lane_mask(p.blocks) {
+      : A2(p.blocks * p.states),
+        D(p.blocks),
+        bias(p.blocks),
+        lane_mask(p.blocks),
+        dt_weight(p.blocks * p.rank) {
     for (int64_t d = 0; d < p.dim; ++d) {
       const int64_t j = d / kLanes, l = d % kLanes;
+      for (int64_t r = 0; r < p.rank; ++r)
+        dt_weight[j * p.rank + r][l] = p.dt_weight[d * p.rank + r];
       for (int64_t n = 0; n < p.states; ++n)
         A2[j * p.states + n][l] = p.A[d * p.states + n] * T(kLog2e);
       D[j][l] = p.D ? p.D[d] : T(0);
@@ -318,9 +347,11 @@ struct Scratch {
   int64_t stride;                // steps per block in a tile
   std::vector<V> u, dt, z, out;  // out: forward only
   std::vector<T> Brows, Crows;   // (step, state)
+  std::vector<T> dtrows;         // (step, rank): the low-rank delta's dt
   std::vector<V> h;              // (block, state): the running state / adjoint
-  // Backward only: d delta' / d(delta + bias), sigmoid(z), output and input gradients.
-  std::vector<V> dsoftplus, sig, dout, dy, du, ddelta, dz;
+  // Backward only: d delta' / d(delta + bias), sigmoid(z), output and input gradients, and
+  // the recomputed output (for a caller that did not keep it, e.g. for out_proj's gradient).
+  std::vector<V> dsoftplus, sig, dout, dy, du, ddelta, dz, yout;
   std::vector<V> hist, decay;         // one block's recomputed chunk: (step, state)
   std::vector<V> state, dA_chunk;     // (state), when the state count is a run-time value
 
@@ -329,9 +360,10 @@ struct Scratch {
     for (auto* v : {&u, &dt, &z}) v->resize(tile);
     Brows.resize(stride * st);
     Crows.resize(stride * st);
+    dtrows.resize(stride * p.rank);
     h.resize(nb * st);
     if (backward) {
-      for (auto* v : {&dsoftplus, &sig, &dout, &dy, &du, &ddelta, &dz}) v->resize(tile);
+      for (auto* v : {&dsoftplus, &sig, &dout, &dy, &du, &ddelta, &dz, &yout}) v->resize(tile);
       hist.resize((stride + 1) * st);  // hist[0] = the entering state, hist[i + 1] after i
       decay.resize(stride * st);
       state.resize(st);
@@ -345,13 +377,26 @@ struct Scratch {
   void load_chunk(const Problem<T>& p, const Constants<T>& consts, const Item& it, const Span& s,
                   bool backward) {
     load_tiles(p, p.u, it, s, stride, u.data());
-    load_tiles(p, p.delta, it, s, stride, dt.data());
+    if (p.rank) {
+      load_rows(p, p.delta, it.b, s, p.rank, dtrows.data());
+    } else {
+      load_tiles(p, p.delta, it, s, stride, dt.data());
+    }
     if (p.z.data) load_tiles(p, p.z, it, s, stride, z.data());
     for (int64_t j = 0; j < it.blocks; ++j) {
       const V bias = consts.bias[it.first_block + j];
       const V mask = consts.lane_mask[it.first_block + j];
+      const V* w = &consts.dt_weight[(it.first_block + j) * p.rank];
       for (int64_t i = 0; i < s.steps; ++i) {
         V& d = dt[j * stride + i];
+        if (p.rank) {  // delta = dt_weight @ dt, 16 channels at a time, two FMA chains
+          const T* dt_i = &dtrows[i * p.rank];
+          V even{}, odd{};
+          int64_t r = 0;
+          for (; r + 1 < p.rank; r += 2) even += w[r] * dt_i[r], odd += w[r + 1] * dt_i[r + 1];
+          if (r < p.rank) even += w[r] * dt_i[r];
+          d = even + odd;
+        }
         if (p.softplus)
           d = Simd<T>::softplus(d + bias, backward ? &dsoftplus[j * stride + i] : nullptr);
         else
@@ -359,8 +404,8 @@ struct Scratch {
         d *= mask;  // padding lanes: delta' = 0, decay 1, their state stays 0
       }
     }
-    load_state_rows(p, p.B, it.b, s, Brows.data());
-    load_state_rows(p, p.C, it.b, s, Crows.data());
+    load_rows(p, p.B, it.b, s, p.states, Brows.data());
+    load_rows(p, p.C, it.b, s, p.states, Crows.data());
   }
 };
 
@@ -398,7 +443,8 @@ inline void recurrence(const Vec<T>* A2, const Vec<T>* dt, const Vec<T>* u, cons
 }
 
 template <typename T, int kStates>
-void forward_kernel(const Problem<T>& p, const Strided<T>& out, T* last_state, T* chunk_states) {
+void forward_kernel(const Problem<T>& p, const Strided<T>& out, bool accumulate, T* last_state,
+                    T* chunk_states) {
   using V = Vec<T>;
   const int64_t S = p.states;
   const Constants<T> consts(p);
@@ -413,15 +459,16 @@ void forward_kernel(const Problem<T>& p, const Strided<T>& out, T* last_state, T
       Prefetcher prefetch;
       if (c + 1 < p.chunks) {
         const Span next{(c + 1) * p.chunk, p.chunk_steps(c + 1)};
-        for (const auto* t : {&p.u, &p.delta, &p.z}) prefetch.add(p, *t, it, next, false);
+        for (const auto* t : {&p.u, &p.delta, &p.z})
+          if (t != &p.delta || !p.rank) prefetch.add(p, *t, it, next, false);
       }
       prefetch.add(p, out, it, span, true);
       prefetch.pace(it.blocks * span.steps);
-      // chunk_states: (batch, chunks, states, dim), the state entering chunk c.
-      T* saved = chunk_states + (it.b * p.chunks + c) * S * p.dim + it.c0;
+      // chunk_states: (batch, chunks, states, dim), the state entering chunk c, or null.
+      T* saved = chunk_states ? chunk_states + (it.b * p.chunks + c) * S * p.dim + it.c0 : nullptr;
       for (int64_t j = 0; j < it.blocks; ++j) {
         V* h = &w.h[j * S];
-        store_state(h, S, p.dim, it.lanes(j), saved + j * kLanes);
+        if (saved) store_state(h, S, p.dim, it.lanes(j), saved + j * kLanes);
         const V* u = &w.u[j * stride];
         const V* z = &w.z[j * stride];
         V* y_out = &w.out[j * stride];
@@ -432,10 +479,10 @@ void forward_kernel(const Problem<T>& p, const Strided<T>& out, T* last_state, T
             [&](int64_t i, const V& y) {
               prefetch.issue();
               const V v = y + D * u[i];
-              y_out[i] = gated ? v * silu<T>(z[i]) : v;
+              y_out[i] = (gated ? v * silu<T>(z[i]) : v) * p.scale;
             });
       }
-      store_tiles(p, out, it, span, stride, w.out.data());
+      store_tiles(p, out, it, span, stride, w.out.data(), accumulate);
     }
     // last_state: (batch, states, dim), returned as a (batch, dim, states) view.
     for (int64_t j = 0; j < it.blocks; ++j)
@@ -448,14 +495,19 @@ void forward_kernel(const Problem<T>& p, const Strided<T>& out, T* last_state, T
 template <typename T>
 struct Gradients {
   Strided<T> du, ddelta, dz, dout;
+  Strided<T> y;  // the recomputed output, or no data
+  // Add to what the tensor holds instead of overwriting it (caller-provided outputs).
+  bool add_du = false, add_ddelta = false, add_dz = false, add_y = false;
   const T* dlast = nullptr;  // (batch, states, dim) or null
   T* dB = nullptr;           // (batch, groups, length, states), zero on entry
   T* dC = nullptr;
+  T* ddt = nullptr;          // low-rank delta: (batch, groups, length, rank), zero on entry
   // Sums over each batch element's steps, per (batch, block): only the item owning the block
   // adds to it. (batch, blocks, states, lanes) and (batch, blocks, lanes), zero on entry.
   double* dA = nullptr;
   double* dD = nullptr;
   double* dbias = nullptr;
+  double* d_dt_weight = nullptr;  // low-rank delta: (batch, blocks, rank, lanes), zero on entry
 };
 
 // Backward of block j of an item over one chunk, in two passes:
@@ -487,6 +539,8 @@ void backward_block(const Problem<T>& p, const Constants<T>& consts, const Gradi
   V* state = kStates > 0 ? h : w.state.data();
   for (int64_t n = 0; n < S; ++n) state[n] = hist[n];
   V* dz = &w.dz[j * stride];
+  V* yout = &w.yout[j * stride];
+  const bool recompute_out = grad.y.data != nullptr;
   recurrence<T, kStates>(
       A2, dt, u, w.Brows.data(), w.Crows.data(), S, steps, state,
       [&](int64_t i, int64_t n, const V& hn, const V& dn) {
@@ -495,8 +549,10 @@ void backward_block(const Problem<T>& p, const Constants<T>& consts, const Gradi
       },
       [&](int64_t i, const V& y) {
         prefetch.issue();
+        const V v = y + D * u[i];
         if (gated)  // d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-          dz[i] = dout[i] * (y + D * u[i]) * sig[i] * (T(1) + z[i] * (T(1) - sig[i]));
+          dz[i] = dout[i] * v * sig[i] * (T(1) + z[i] * (T(1) - sig[i]));
+        if (recompute_out) yout[i] = (gated ? v * z[i] * sig[i] : v) * p.scale;
       });
 
   // Adjoint: g = dL/dh_i from the later steps, walking the chunk backwards.
@@ -562,6 +618,40 @@ void backward_block(const Problem<T>& p, const Constants<T>& consts, const Gradi
   }
 }
 
+// The low-rank delta's share of a chunk's backward, from the chunk's d delta tile (before
+// the bias): d dt_i = dt_weight^T d delta_i (sums over channels, added to rowDT: (length,
+// rank)) and d dt_weight += d delta_i dt_i^T (chunk sums in T, running totals in double).
+template <typename T>
+void low_rank_backward(const Problem<T>& p, const Constants<T>& consts, const Gradients<T>& grad,
+                       const Item& it, const Span& span, const Scratch<T>& w, T* rowDT) {
+  using V = Vec<T>;
+  constexpr int64_t kMaxRank = 128;  // the rank's accumulators live on the stack (8 KB)
+  const int64_t R = p.rank, stride = w.stride;
+  const V* weight = &consts.dt_weight[it.first_block * R];
+  // One accumulator per rank entry: R independent FMA chains instead of one long one.
+  V acc[kMaxRank];
+  for (int64_t i = 0; i < span.steps; ++i) {
+    std::fill(acc, acc + R, V{});
+    for (int64_t j = 0; j < it.blocks; ++j) {
+      const V d = w.ddelta[j * stride + i];
+      for (int64_t r = 0; r < R; ++r) acc[r] += d * weight[j * R + r];
+    }
+    T* row = rowDT + p.time_at(span.first + i) * R;
+    for (int64_t r = 0; r < R; ++r) row[r] += lane_sum<T>(acc[r]);
+  }
+  for (int64_t j = 0; j < it.blocks; ++j) {
+    std::fill(acc, acc + R, V{});
+    const V* ddelta = &w.ddelta[j * stride];
+    for (int64_t i = 0; i < span.steps; ++i) {
+      const T* dt = &w.dtrows[i * R];
+      for (int64_t r = 0; r < R; ++r) acc[r] += ddelta[i] * dt[r];
+    }
+    double* total = grad.d_dt_weight + (it.b * p.blocks + it.first_block + j) * R * kLanes;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < kLanes; ++l) total[r * kLanes + l] += acc[r][l];
+  }
+}
+
 template <typename T, int kStates>
 void backward_kernel(const Problem<T>& p, const Gradients<T>& grad, const T* chunk_states) {
   using V = Vec<T>;
@@ -575,6 +665,7 @@ void backward_kernel(const Problem<T>& p, const Gradients<T>& grad, const T* chu
     // Each item owns its own (length, states) slice: no two threads add into one row.
     T* rowB = grad.dB + index * row;
     T* rowC = grad.dC + index * row;
+    T* rowDT = p.rank ? grad.ddt + index * p.length * p.rank : nullptr;
     for (int64_t j = 0; j < it.blocks; ++j) {
       V* g = &w.h[j * S];
       if (grad.dlast)
@@ -590,23 +681,29 @@ void backward_kernel(const Problem<T>& p, const Gradients<T>& grad, const T* chu
         for (int64_t i = 0; i < span.steps; ++i) {  // dL/dy, through the gate
           const int64_t k = j * stride + i;
           if (gated) w.sig[k] = Simd<T>::sigmoid(w.z[k]);
+          w.dout[k] *= p.scale;  // out = scale * gated output
           w.dy[k] = gated ? w.dout[k] * w.z[k] * w.sig[k] : w.dout[k];
         }
       Prefetcher prefetch;
       if (c > 0) {
         const Span next{(c - 1) * p.chunk, p.chunk_steps(c - 1)};
         for (const auto* t : {&p.u, &p.delta, &p.z, &grad.dout})
-          prefetch.add(p, *t, it, next, false);
+          if (t != &p.delta || !p.rank) prefetch.add(p, *t, it, next, false);
       }
-      for (const auto* t : {&grad.du, &grad.ddelta, &grad.dz}) prefetch.add(p, *t, it, span, true);
+      for (const auto* t : {&grad.du, &grad.ddelta, &grad.dz, &grad.y})
+        prefetch.add(p, *t, it, span, true);
       prefetch.pace(it.blocks * span.steps);
       const T* saved = chunk_states + (it.b * p.chunks + c) * S * p.dim + it.c0;
       for (int64_t j = 0; j < it.blocks; ++j)
         backward_block<T, kStates>(p, consts, grad, it, j, span, saved + j * kLanes, w, rowB,
                                    rowC, prefetch);
-      store_tiles(p, grad.du, it, span, stride, w.du.data());
-      store_tiles(p, grad.ddelta, it, span, stride, w.ddelta.data());
-      if (gated) store_tiles(p, grad.dz, it, span, stride, w.dz.data());
+      store_tiles(p, grad.du, it, span, stride, w.du.data(), grad.add_du);
+      if (p.rank)
+        low_rank_backward(p, consts, grad, it, span, w, rowDT);
+      else
+        store_tiles(p, grad.ddelta, it, span, stride, w.ddelta.data(), grad.add_ddelta);
+      if (gated) store_tiles(p, grad.dz, it, span, stride, w.dz.data(), grad.add_dz);
+      if (grad.y.data) store_tiles(p, grad.y, it, span, stride, w.yout.data(), grad.add_y);
     }
   };
   for_each_item(p.items(), [&] { return Scratch<T>(p, true); }, item);
@@ -626,6 +723,21 @@ at::Tensor or_undefined(const c10::optional<at::Tensor>& x) {
   return x.has_value() ? *x : at::Tensor();
 }
 
+// A low-rank delta: dt (batch, rank, length) and dt_weight (dim, rank), contiguous.
+void check_low_rank(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& dt_weight) {
+  if (!dt_weight.defined()) {
+    TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan: delta must match u");
+    return;
+  }
+  TORCH_CHECK(dt_weight.dim() == 2 && dt_weight.size(0) == u.size(1) && dt_weight.is_contiguous(),
+              "selective_scan: dt_weight must be a contiguous (dim, rank) tensor");
+  TORCH_CHECK(dt_weight.size(1) <= 128, "selective_scan: dt_weight: rank up to 128, got ",
+              dt_weight.size(1));
+  TORCH_CHECK(delta.dim() == 3 && delta.size(0) == u.size(0) &&
+                  delta.size(1) == dt_weight.size(1) && delta.size(2) == u.size(2),
+              "selective_scan: with dt_weight, delta is dt: (batch, rank, length)");
+}
+
 // Instantiate the fixed-state-count fast path for the usual d_state = 16.
 template <typename F16, typename FAny>
 void with_states(int64_t states, const F16& f16, const FAny& fany) {
@@ -640,24 +752,43 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                                      const at::Tensor& C, const c10::optional<at::Tensor>& D_opt,
                                      const c10::optional<at::Tensor>& z_opt,
                                      const c10::optional<at::Tensor>& bias_opt, bool softplus,
-                                     bool reverse, int64_t chunk) {
+                                     bool reverse, int64_t chunk, double scale,
+                                     const c10::optional<at::Tensor>& out_opt, bool accumulate,
+                                     const c10::optional<at::Tensor>& dt_weight_opt,
+                                     const c10::optional<at::Tensor>& states_opt,
+                                     bool keep_states) {
   const at::Tensor D = or_undefined(D_opt), z = or_undefined(z_opt), bias = or_undefined(bias_opt);
-  check_inputs(u, {delta, A, B, C, D, z, bias});
+  const at::Tensor dt_weight = or_undefined(dt_weight_opt);
+  at::Tensor out = or_undefined(out_opt);
+  check_inputs(u, {delta, A, B, C, D, z, bias, out, dt_weight});
+  check_low_rank(u, delta, dt_weight);
   TORCH_CHECK(A.is_contiguous() && (!D.defined() || D.is_contiguous()) &&
                   (!bias.defined() || bias.is_contiguous()),
               "selective_scan: A, D and delta_bias must be contiguous");
-  at::Tensor out = at::empty_like(u);
+  TORCH_CHECK(!out.defined() || out.sizes() == u.sizes(), "selective_scan: out must match u");
+  TORCH_CHECK(out.defined() || !accumulate, "selective_scan: accumulate needs an out tensor");
+  if (!out.defined()) out = at::empty_like(u);
   at::Tensor last_state = at::empty({u.size(0), A.size(1), u.size(1)}, u.options());
   const int64_t chunks = std::max<int64_t>(1, (u.size(2) + chunk - 1) / chunk);
-  at::Tensor chunk_states = at::empty({u.size(0), chunks, A.size(1), u.size(1)}, u.options());
+  // The states the backward restarts from, written into states_opt if given (a caller can
+  // place its long-lived tensors before its temporary ones); an inference call needs none.
+  const std::vector<int64_t> states_shape =
+      keep_states ? std::vector<int64_t>{u.size(0), chunks, A.size(1), u.size(1)}
+                  : std::vector<int64_t>{0};
+  at::Tensor chunk_states =
+      states_opt.has_value() ? *states_opt : at::empty(states_shape, u.options());
+  TORCH_CHECK(chunk_states.sizes() == at::IntArrayRef(states_shape) &&
+                  chunk_states.is_contiguous() && chunk_states.scalar_type() == u.scalar_type(),
+              "selective_scan: states must be a contiguous ", states_shape, " tensor");
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
-    const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk);
+    const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk,
+                                          scale, dt_weight);
     const Strided<scalar_t> out_view(out);
     scalar_t* last = last_state.data_ptr<scalar_t>();
-    scalar_t* saved = chunk_states.data_ptr<scalar_t>();
+    scalar_t* saved = keep_states ? chunk_states.data_ptr<scalar_t>() : nullptr;
     with_states(
-        p.states, [&] { forward_kernel<scalar_t, kLanes>(p, out_view, last, saved); },
-        [&] { forward_kernel<scalar_t, 0>(p, out_view, last, saved); });
+        p.states, [&] { forward_kernel<scalar_t, kLanes>(p, out_view, accumulate, last, saved); },
+        [&] { forward_kernel<scalar_t, 0>(p, out_view, accumulate, last, saved); });
   });
   return {out, last_state.transpose(1, 2), chunk_states};
 }
@@ -670,14 +801,37 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& dout,
                                       const c10::optional<at::Tensor>& z_opt,
                                       const c10::optional<at::Tensor>& bias_opt,
                                       const at::Tensor& chunk_states, bool softplus, bool reverse,
-                                      int64_t chunk) {
+                                      int64_t chunk, double scale,
+                                      const c10::optional<at::Tensor>& du_opt,
+                                      const c10::optional<at::Tensor>& ddelta_opt,
+                                      const c10::optional<at::Tensor>& dz_opt,
+                                      const c10::optional<at::Tensor>& y_opt, bool accumulate,
+                                      bool accumulate_du,
+                                      const c10::optional<at::Tensor>& dt_weight_opt) {
   const at::Tensor D = or_undefined(D_opt), z = or_undefined(z_opt), bias = or_undefined(bias_opt);
+  const at::Tensor dt_weight = or_undefined(dt_weight_opt);
   at::Tensor dlast = or_undefined(dlast_opt);
-  check_inputs(u, {dout, delta, A, B, C, D, z, bias, chunk_states});
+  // Optional destinations (any (batch, dim, length) views): written, or added to with
+  // `accumulate` (dz, y) and `accumulate_du` (du, ddelta); the missing ones are allocated.
+  // y receives the recomputed output.
+  at::Tensor du = or_undefined(du_opt), ddelta = or_undefined(ddelta_opt);
+  at::Tensor dz = or_undefined(dz_opt), y = or_undefined(y_opt);
+  check_inputs(u, {dout, delta, A, B, C, D, z, bias, chunk_states, du, ddelta, dz, y, dt_weight});
+  check_low_rank(u, delta, dt_weight);
+  TORCH_CHECK(!dt_weight.defined() || !ddelta.defined(),
+              "selective_scan: a low-rank delta's gradient is d dt, not d delta");
+  for (const auto& t : {du, ddelta, dz, y})
+    TORCH_CHECK(!t.defined() || t.sizes() == u.sizes(),
+                "selective_scan: output tensors must match u's shape");
+  TORCH_CHECK(z.defined() || !dz.defined(), "selective_scan: dz given without z");
   if (dlast.defined()) dlast = dlast.to(u.scalar_type()).transpose(1, 2).contiguous();
   const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2), states = A.size(1);
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
-  at::Tensor dz = z.defined() ? at::empty_like(z) : at::Tensor();
+  const bool add_du = accumulate_du && du.defined();
+  const bool add_ddelta = accumulate_du && ddelta.defined();
+  const bool add_dz = accumulate && dz.defined(), add_y = accumulate && y.defined();
+  if (!du.defined()) du = at::empty_like(u);
+  if (!ddelta.defined() && !dt_weight.defined()) ddelta = at::empty_like(delta);
+  if (z.defined() && !dz.defined()) dz = at::empty_like(z);
   // dB/dC are sums over channels, one (length, states) slice per work item, added up over
   // the channel groups below and returned as (batch, states, length) views.
   const int64_t blocks = (dim + kLanes - 1) / kLanes, groups = channel_groups(batch, blocks);
@@ -686,19 +840,36 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& dout,
   const auto f64 = u.options().dtype(at::kDouble);
   at::Tensor dA = at::zeros({batch, blocks, states, kLanes}, f64);
   at::Tensor dD = at::zeros({batch, blocks, kLanes}, f64), dbias = at::zeros_like(dD);
+  // Low-rank delta: d dt like dB (per work item, summed over groups), d dt_weight like dA.
+  const int64_t rank = dt_weight.defined() ? dt_weight.size(1) : 0;
+  at::Tensor ddt, d_dt_weight;
+  if (rank) {
+    ddt = at::zeros({batch, groups, length, rank}, u.options());
+    d_dt_weight = at::zeros({batch, blocks, rank, kLanes}, f64);
+  }
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
-    const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk);
+    const auto p = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, reverse, chunk,
+                                          scale, dt_weight);
     Gradients<scalar_t> g;
     g.du = Strided<scalar_t>(du);
     g.ddelta = Strided<scalar_t>(ddelta);
     g.dz = Strided<scalar_t>(dz);
     g.dout = Strided<scalar_t>(dout);
+    g.y = Strided<scalar_t>(y);
+    g.add_du = add_du;
+    g.add_ddelta = add_ddelta;
+    g.add_dz = add_dz;
+    g.add_y = add_y;
     g.dlast = dlast.defined() ? dlast.data_ptr<scalar_t>() : nullptr;
     g.dB = dB.data_ptr<scalar_t>();
     g.dC = dC.data_ptr<scalar_t>();
     g.dA = dA.data_ptr<double>();
     g.dD = dD.data_ptr<double>();
     g.dbias = dbias.data_ptr<double>();
+    if (rank) {
+      g.ddt = ddt.data_ptr<scalar_t>();
+      g.d_dt_weight = d_dt_weight.data_ptr<double>();
+    }
     const scalar_t* saved = chunk_states.data_ptr<scalar_t>();
     with_states(
         p.states, [&] { backward_kernel<scalar_t, kLanes>(p, g, saved); },
@@ -709,21 +880,29 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& dout,
   auto per_channel = [&](const at::Tensor& sums) {
     return sums.sum(0).reshape({blocks * kLanes}).narrow(0, 0, dim).to(dtype);
   };
+  auto over_groups = [&](const at::Tensor& t) {  // (batch, rows, length) view
+    return (groups == 1 ? t.select(1, 0) : t.sum(1)).transpose(1, 2);
+  };
+  auto per_row = [&](const at::Tensor& sums, int64_t rows) {  // (dim, rows)
+    return sums.sum(0).transpose(1, 2).reshape({blocks * kLanes, rows}).narrow(0, 0, dim).to(dtype);
+  };
   return {du,
-          ddelta,
-          dA.sum(0).transpose(1, 2).reshape({blocks * kLanes, states}).narrow(0, 0, dim).to(dtype),
-          (groups == 1 ? dB.select(1, 0) : dB.sum(1)).transpose(1, 2),
-          (groups == 1 ? dC.select(1, 0) : dC.sum(1)).transpose(1, 2),
+          rank ? over_groups(ddt) : ddelta,
+          per_row(dA, states),
+          over_groups(dB),
+          over_groups(dC),
           D.defined() ? per_channel(dD) : at::Tensor(),
           dz,
-          bias.defined() ? per_channel(dbias) : at::Tensor()};
+          bias.defined() ? per_channel(dbias) : at::Tensor(),
+          rank ? per_row(d_dt_weight, rank) : at::Tensor()};
 }
 
 }  // namespace
 
 void bind_selective_scan(pybind11::module_& m) {
   m.def("scan_forward", &scan_forward, "out, last_state, chunk_states");
-  m.def("scan_backward", &scan_backward, "du, ddelta, dA, dB, dC, dD, dz, ddelta_bias");
+  m.def("scan_backward", &scan_backward,
+        "du, ddelta (d dt with dt_weight), dA, dB, dC, dD, dz, ddelta_bias, d dt_weight");
 }
 
 }  // namespace ssamba
