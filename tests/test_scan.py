@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -450,3 +451,28 @@ def test_mamba_ssm_on_cuda_matches_reference(reverse):
     assert_close("last_state", last.cpu(), ref_last)
     for k in grads:
         assert_close(f"d{k}", grads[k].cpu(), ref_grads[k], tol=1e-3)
+
+
+def test_kernel_loading_hides_the_cuda_home_notice_and_announces_a_first_build(
+    tmp_path, monkeypatch, capsys
+):
+    import logging
+
+    from torch.utils import cpp_extension
+
+    from ssamba.models import scan
+
+    notice = "No CUDA runtime is found, using CUDA_HOME='/usr/local'"
+    record = logging.LogRecord(
+        "torch.utils.cpp_extension", logging.WARNING, "", 0, notice, None, None
+    )
+    other = logging.LogRecord("torch.utils.cpp_extension", logging.WARNING, "", 0, "x", None, None)
+    assert not scan._no_cuda_home_notice(record) and scan._no_cuda_home_notice(other)
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    scan._say_when_building(cpp_extension)  # nothing built yet: one line says so
+    assert "building the C++ CPU kernels" in capsys.readouterr().err
+    folder = Path(cpp_extension._get_build_directory(scan._KERNEL_NAME, False))
+    (folder / f"{scan._KERNEL_NAME}.so").write_bytes(b"")
+    scan._say_when_building(cpp_extension)  # cached: silent
+    assert capsys.readouterr().err == ""

@@ -34,12 +34,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -305,6 +307,30 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:12]
 
 
+_KERNEL_NAME = "ssamba_cpu_kernels"
+
+
+def _no_cuda_home_notice(record: logging.LogRecord) -> bool:
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." on
+    every CPU run; these kernels are CPU-only and never use it."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _say_when_building(cpp_extension: Any) -> None:
+    """One line on stderr before a first build, which takes a minute with no output."""
+    try:
+        folder = Path(cpp_extension._get_build_directory(_KERNEL_NAME, False))
+    except Exception:  # a private helper: if it moves, building stays silent
+        return
+    if not any(folder.glob(f"{_KERNEL_NAME}*.so")):
+        print(
+            "ssamba: building the C++ CPU kernels (first use, about a minute; cached in "
+            f"{folder.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def load_cpu_kernel():
     """Build (first time, ~60 s) or load (cached, ~0.05 s) the C++ kernels; once per process.
 
@@ -316,13 +342,15 @@ def load_cpu_kernel():
     global _kernel, _kernel_error
     with _build_lock:
         if _kernel is None and _kernel_error is None:
+            logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_home_notice)
             from torch.utils import cpp_extension
 
+            _say_when_building(cpp_extension)
             flags = ["-O3", "-march=native", "-fopenmp", f"-DSSAMBA_CPU={_cpu_fingerprint()}"]
             sources = ["module.cpp", "selective_scan.cpp", "causal_conv1d.cpp"]
             try:
                 _kernel = cpp_extension.load(
-                    name="ssamba_cpu_kernels",
+                    name=_KERNEL_NAME,
                     sources=[str(_CSRC / name) for name in sources],
                     extra_include_paths=[str(_CSRC)],
                     extra_cflags=flags,
@@ -334,15 +362,6 @@ def load_cpu_kernel():
         if _kernel is None:
             raise RuntimeError(f"the C++ selective-scan kernel could not be built: {_kernel_error}")
         return _kernel
-
-
-def cpu_kernel_available() -> bool:
-    """True if the C++ kernel is built or can be built here (builds it on first call)."""
-    try:
-        load_cpu_kernel()
-    except RuntimeError:
-        return False
-    return True
 
 
 # The kernel as torch.library ops, so it also runs inside torch.compile'd graphs and
