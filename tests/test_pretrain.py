@@ -425,7 +425,7 @@ def test_fsdd_run_learns_logs_keeps_the_best_checkpoint_and_exports_the_encoder(
 
     # the run's config stands alone: the encoder piece is inlined with the overrides
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["model"]["encoder"] == TINY and config["defaults"] is None
+    assert EncoderConfig(**config["model"]["encoder"]) == TINY and config["defaults"] is None
 
     # the exported encoder loads without Lightning and holds the last weights
     encoder_file = run / "encoder.pt"
