@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
 import torchaudio
+
+from ssamba.configs import dataclass_from_dict
 
 # (mean, std) of the log-mel filterbank per dataset, as published with the originals.
 DATASET_STATS: dict[str, tuple[float, float]] = {
@@ -89,11 +91,7 @@ class FbankConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FbankConfig:
         """From saved fields (an encoder file); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"FbankConfig: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ssamba.configs import dataclass_from_dict
 from ssamba.models.layers import DropPath, NormKind, linspace_rates, make_norm
 from ssamba.models.mamba import BIMAMBA_TYPES, BimambaType, MambaBlock, MambaMixer
 from ssamba.models.patching import PatchEmbed, patch_grid, resize_pos_grid, unfold_patches
@@ -156,11 +157,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
         """Build from a plain mapping (YAML, a saved file); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"EncoderConfig: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
