@@ -139,11 +139,16 @@ def test_fused_op_passes_gradcheck_in_float64(bimamba, reverse, recompute_in_pro
 def test_registered_ops_pass_torch_library_opcheck(bimamba):
     """Schema, fake (meta) implementation and autograd registration agree with the kernels."""
     mixer, hidden = op_inputs(bimamba, dtype=torch.float32)
-    for in_proj, save in ((1, True), (1, False), (0, True)):
+    for in_proj, save, keep_xz in (
+        (1, True, False),
+        (1, True, True),
+        (1, False, False),
+        (0, True, False),
+    ):
         layout = fused._Layout(bimamba, True, False, in_proj)
         weights = [mixer.get_parameter(name) for name in layout.weight_names()]
         x = hidden if in_proj else mixer.in_proj(hidden).detach().requires_grad_()
-        args = (x, weights, *layout, 0.5, True, save)
+        args = (x, weights, *layout, 0.5, True, save, keep_xz)
         torch.library.opcheck(torch.ops.ssamba.mamba_inner.default, args)
     x = torch.randn(2, 70, 2 * mixer.d_inner)[..., : mixer.d_inner].transpose(1, 2)
     conv_args = (x.requires_grad_(), mixer.conv1d.weight, mixer.conv1d.bias, True)

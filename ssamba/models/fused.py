@@ -142,11 +142,11 @@ def mamba_inner(hidden: Tensor, mixer: MambaMixer, reverse: bool = False) -> Ten
     """The mixer; hidden: (batch, length, d_model) -> same shape.
 
     Uses the mixer's parameters (by their checkpoint names) and its bimamba, divide_out and
-    recompute_in_proj. in_proj runs inside the op (its output xz recomputed for the
-    backward instead of kept) unless recompute_in_proj is off or bf16 autocast is on (which
-    then runs in_proj in bf16 outside, keeping a half-size xz).
+    recompute_in_proj (recompute in_proj's output xz for the backward, or keep it). in_proj
+    runs inside the op, except under bf16 autocast, which runs it in bf16 outside (the op
+    then takes xz and keeps it, at half size).
     """
-    inside = mixer.recompute_in_proj and not torch.is_autocast_enabled("cpu")
+    inside = not torch.is_autocast_enabled("cpu")
     in_proj = (1 + (mixer.in_proj.bias is not None)) if inside else 0
     x = hidden if inside else mixer.in_proj(hidden)
     layout = _Layout(
@@ -160,7 +160,8 @@ def mamba_inner(hidden: Tensor, mixer: MambaMixer, reverse: bool = False) -> Ten
     scale = 0.5 if mixer.bidirectional and mixer.divide_out else 1.0
     # Keep what the backward needs only if there will be one (not at inference).
     save = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    out, *_ = torch.ops.ssamba.mamba_inner(x, weights, *layout, scale, reverse, save)
+    keep_xz = inside and save and not mixer.recompute_in_proj
+    out, *_ = torch.ops.ssamba.mamba_inner(x, weights, *layout, scale, reverse, save, keep_xz)
     return out
 
 
@@ -175,25 +176,31 @@ def _mamba_inner_op(
     scale: float,
     reverse: bool,
     save: bool,
+    keep_xz: bool,
 ) -> list[Tensor]:
     """[out (batch, length, d_model), *saved]: with `save`, what the backward needs, per
     scan the states every CHUNK steps (batch, chunks, d_state, d_inner) and per group of
-    scans sharing inputs x_proj's output (batch * length, dt_rank + 2 * d_state).
+    scans sharing inputs x_proj's output (batch * length, dt_rank + 2 * d_state), then with
+    `keep_xz` in_proj's output (batch, length, 2 * d_inner), else recomputed.
 
     x: hidden (batch, length, d_model) if the layout has in_proj, else in_proj's output xz
     (batch, length, 2 * d_inner); weights: the layout's parameters (`_Layout.weight_names`).
     """
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj))
     with torch.autocast("cpu", enabled=False):
-        return _forward(x, p, scale, reverse, save)
+        return _forward(x, p, scale, reverse, save, keep_xz)
 
 
 @_mamba_inner_op.register_fake
-def _(x, weights, bimamba, conv_bias, out_bias, in_proj, scale, reverse, save):
+def _(x, weights, bimamba, conv_bias, out_bias, in_proj, scale, reverse, save, keep_xz):
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj), cast=False)
     batch, length, _ = x.shape
     out = x.new_empty(batch, length, p.out_proj_weight.shape[0])
-    return [out, *(_new_saved(x, _groups(p, reverse)) if save else [])]
+    saved = _new_saved(x, _groups(p, reverse)) if save else []
+    if save and keep_xz and in_proj:
+        dtype = _compute_dtype(x.dtype)
+        saved.append(x.new_empty(batch, length, p.in_proj_weight.shape[0], dtype=dtype))
+    return [out, *saved]
 
 
 @torch.library.custom_op("ssamba::mamba_inner_backward", mutates_args=())
@@ -208,24 +215,26 @@ def _mamba_inner_backward_op(
     in_proj: int,
     scale: float,
     reverse: bool,
+    keep_xz: bool,
 ) -> list[Tensor]:
     """[d x, d weight for each weight]; saved: the forward's outputs after `out`."""
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj))
     with torch.autocast("cpu", enabled=False):
-        grads = _backward(dout, x, p, saved, scale, reverse)
+        grads = _backward(dout, x, p, saved, scale, reverse, keep_xz)
     # Each gradient in its input's dtype (bf16 activations, float32 weights under autocast),
     # contiguous as the fake implementation promises.
     return [g.to(t.dtype).contiguous() for g, t in zip(grads, [x, *weights], strict=True)]
 
 
 @_mamba_inner_backward_op.register_fake
-def _(dout, x, weights, saved, bimamba, conv_bias, out_bias, in_proj, scale, reverse):
+def _(dout, x, weights, saved, bimamba, conv_bias, out_bias, in_proj, scale, reverse, keep_xz):
     return [t.new_empty(t.shape) for t in [x, *weights]]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, *options, _ = inputs
+    x, weights, *options, _, keep_xz = inputs
     ctx.options = options
+    ctx.keep_xz = keep_xz
     ctx.n_weights = len(weights)
     ctx.save_for_backward(x, *weights, *output[1:])
 
@@ -233,10 +242,13 @@ def _setup_context(ctx, inputs, output):
 def _grad(ctx, grads):
     x, *rest = ctx.saved_tensors
     weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
+    keep_xz = ctx.keep_xz and bool(saved)
     if not saved:  # called with save=False after all: run the forward again to get them
-        saved = torch.ops.ssamba.mamba_inner(x, weights, *ctx.options, True)[1:]
-    dx, *dweights = torch.ops.ssamba.mamba_inner_backward(grads[0], x, weights, saved, *ctx.options)
-    return dx, dweights, *[None] * 7
+        saved = torch.ops.ssamba.mamba_inner(x, weights, *ctx.options, True, False)[1:]
+    dx, *dweights = torch.ops.ssamba.mamba_inner_backward(
+        grads[0], x, weights, saved, *ctx.options, keep_xz
+    )
+    return dx, dweights, *[None] * 8
 
 
 _mamba_inner_op.register_autograd(_grad, setup_context=_setup_context)
@@ -377,11 +389,14 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
-def _forward(inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool) -> list[Tensor]:
+def _forward(
+    inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool, keep_xz: bool
+) -> list[Tensor]:
     """[out, *saved] (see the op); the scans add scale * their output into one y.
 
-    What outlives the call (out, and with `save` the states and x_dbl) is allocated before
-    the temporaries (xz, y, u), which a training call takes from the workspace.
+    What outlives the call (out, and with `save` the states, x_dbl and a kept xz) is
+    allocated before the temporaries (xz, y, u), which a training call takes from the
+    workspace.
     """
     kernel = load_cpu_kernel()
     out_dtype, inp = inp.dtype, inp.to(_compute_dtype(inp.dtype))
@@ -396,7 +411,11 @@ def _forward(inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool) -
             return _workspace(name, inp, width)
         return inp.new_empty(batch, length, width)
 
-    xz = _in_proj(inp, p, temporary("xz", 2 * d_inner) if p.in_proj_weight is not None else None)
+    keep_xz = keep_xz and save and p.in_proj_weight is not None
+    if keep_xz:
+        saved.append(inp.new_empty(batch, length, 2 * d_inner))
+    xz_out = saved[-1] if keep_xz else temporary("xz", 2 * d_inner)
+    xz = _in_proj(inp, p, xz_out if p.in_proj_weight is not None else None)
     x, z = (_channels(t) for t in xz.split(d_inner, dim=-1))
     y = temporary("y")
     kept = iter(saved)
@@ -449,7 +468,13 @@ def _new_saved(xz: Tensor, groups: list) -> list[Tensor]:
 
 
 def _backward(
-    dout: Tensor, inp: Tensor, p: _Params, saved: list[Tensor], scale: float, reverse: bool
+    dout: Tensor,
+    inp: Tensor,
+    p: _Params,
+    saved: list[Tensor],
+    scale: float,
+    reverse: bool,
+    keep_xz: bool,
 ) -> list[Tensor]:
     """Gradients of the op's input and of the weights in its order, in the compute dtype."""
     kernel = load_cpu_kernel()
@@ -458,7 +483,10 @@ def _backward(
     # What outlives the call first (see _forward): d hidden, or d xz (then the op's input).
     d_inp = torch.empty_like(inp)
     in_proj = p.in_proj_weight is not None
-    xz = _in_proj(inp, p, _workspace("xz", inp, 2 * d_inner) if in_proj else None)  # recomputed
+    if keep_xz:
+        *saved, xz = saved
+    else:  # recomputed
+        xz = _in_proj(inp, p, _workspace("xz", inp, 2 * d_inner) if in_proj else None)
     x, z = (_channels(t) for t in xz.split(d_inner, dim=-1))
     # Both directions' dx and dz land here.
     dxz = _workspace("dxz", inp, 2 * d_inner) if in_proj else d_inp
