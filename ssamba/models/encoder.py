@@ -454,9 +454,10 @@ class AudioEncoder(nn.Module):
         if self.cfg.bidirectional_pairs:
             for fwd, bwd in zip(self.layers[0::2], self.layers[1::2], strict=True):
                 hidden_f, residual_f = fwd(hidden, residual)
-                flipped_residual = None if residual is None else residual.flip(1)
-                hidden_b, residual_b = bwd(hidden.flip(1), flipped_residual)
-                hidden, residual = hidden_f + hidden_b.flip(1), residual_f + residual_b.flip(1)
+                # bwd reads the time-flipped sequence and residual; `reverse` computes it
+                # with its outputs flipped back, without materialising the three flips
+                hidden_b, residual_b = bwd(hidden, residual, reverse=True)
+                hidden, residual = hidden_f + hidden_b, residual_f + residual_b
                 if collect:
                     outputs.append(residual + hidden)
         else:
