@@ -11,7 +11,7 @@ WORK        ?= work
 JOBS        ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install assets test test-fast test-cuda lint format bench bench-efficiency shards stats demo continual clean
+.PHONY: help install assets test test-fast test-cuda lint format bench bench-efficiency shards stats devset-drums demo continual clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -19,7 +19,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --progress-bar off -e '.[dev,onnx]'
+	$(PIP) install --progress-bar off -e '.[dev,onnx,devsets]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## make .venv with torch 2.9.1 + torchaudio 2.9.1, ssamba (editable), onnx export
@@ -42,7 +42,11 @@ test: $(STAMP) $(SAMPLE_WAV)  ## all tests, end-to-end ones on real audio includ
 test-fast: $(STAMP) $(SAMPLE_WAV)  ## unit tests only (skips the slow end-to-end ones)
 	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m "not slow and not cuda"
 
-test-cuda: $(STAMP) $(SAMPLE_WAV)  ## the CUDA tests (needs a GPU and `pip install -e '.[cuda]'`)
+# Preflight: without a GPU or the kernels every test would skip; say why in one line instead.
+test-cuda: $(STAMP) $(SAMPLE_WAV)  ## the CUDA tests (needs a GPU and `pip install --no-build-isolation -e '.[cuda]'`)
+	$(PY) -c "import sys, torch; from ssamba.models.scan import CUDA_KERNELS as k; \
+	    sys.exit(None if torch.cuda.is_available() and not k.problems else \
+	    'test-cuda: ' + ('; '.join(k.problems) or 'no CUDA device visible to torch'))"
 	SSAMBA_SAMPLE_WAV=$(SAMPLE_WAV) $(PY) -m pytest -q -m cuda
 
 lint: $(STAMP)  ## ruff
@@ -73,6 +77,17 @@ shards-%: $(STAMP)  ## shorthand: make shards-<corpus> SRC=...
 stats: $(STAMP)  ## recompute fbank mean/std of a shard folder: make stats SHARDS=work/shards/fsdd
 	@test -n "$(SHARDS)" || (echo "usage: make stats SHARDS=<shard folder>"; exit 2)
 	$(PY) -m data_prep stats --shards $(SHARDS)
+
+# A second labelled real-audio set for `ssamba label-efficiency`: drum hits of the GS kits
+# in Debian's GM SoundFonts, 7 classes; MuseScore General's kits are the test split.
+# Needs: apt-get install libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont
+SF2 ?= /usr/share/sounds/sf2
+SF3 ?= /usr/share/sounds/sf3
+devset-drums: $(STAMP)  ## render + shard the GM drum set into $(WORK)/shards/gm_drums
+	$(PY) -m data_prep render-gm-drums --train $(SF2)/FluidR3_GM.sf2 $(SF2)/TimGM6mb.sf2 \
+	    --test $(SF3)/MuseScore_General_Full.sf3 --out $(WORK)/devsets/gm_drums
+	$(PY) -m data_prep shard --corpus gm-drums --src $(WORK)/devsets/gm_drums \
+	    --out $(WORK)/shards/gm_drums --workers $(JOBS)
 
 # ---- demo --------------------------------------------------------------------
 demo: $(STAMP)  ## shard FSDD, pretrain, fine-tune and probe against random init; DEMO=quick is shorter

@@ -21,6 +21,7 @@ from data_prep.clip_list import prepare_manifest
 from data_prep.esc50 import prepare_esc50
 from data_prep.folder import prepare_folder, prepare_unlabelled
 from data_prep.fsdd import prepare_fsdd
+from data_prep.gm_drums import prepare_gm_drums
 from data_prep.iemocap import prepare_iemocap
 from data_prep.librispeech import prepare_librispeech
 from data_prep.speechcommands import (
@@ -43,6 +44,7 @@ CORPORA: dict[str, Callable[[Path, Path], Path]] = {
     "iemocap": prepare_iemocap,
     "urbansound8k": prepare_urbansound8k,
     "fsdd": prepare_fsdd,
+    "gm-drums": prepare_gm_drums,  # hits rendered by `render-gm-drums`
     "folder": prepare_folder,
     "unlabelled": prepare_unlabelled,
     "manifest": prepare_manifest,  # a user's own CSV / JSONL list of clips

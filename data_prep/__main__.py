@@ -3,6 +3,7 @@
 prepare  corpus folder -> manifest.jsonl (+ labels.csv); no audio is decoded
 shard    prepare, then write WebDataset shards, rejects.jsonl, index.json, stats.json
 stats    recompute the fbank (or MFCC) mean/std of a shard folder into its stats.json
+render-gm-drums  render the GM drum development set from SoundFonts (then shard it)
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_gm_drums(args: argparse.Namespace) -> int:
+    from data_prep.gm_drums import render_gm_drums
+
+    counts = render_gm_drums(args.train, args.test, args.out)
+    print(
+        f"gm-drums: {counts['written']} hits -> {args.out}; {counts['silent']} silent "
+        "(a kit without a sample for that key) left out"
+    )
+    return 0
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -145,6 +157,31 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     stats.add_argument("--num-ceps", type=int, default=40, help="MFCC coefficients (mfcc only)")
     stats.set_defaults(run=_stats)
+
+    drums = commands.add_parser(
+        "render-gm-drums",
+        help="render the GM drum development set from SoundFonts (FluidSynth)",
+        description=(
+            "Render the drum hits of the GS kits in General-MIDI SoundFonts to 1 s, 16 kHz "
+            "wavs in OUT/{train,test}/{class}/; shard them with --corpus gm-drums."
+        ),
+    )
+    drums.add_argument(
+        "--train",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="SoundFonts (.sf2/.sf3) for the train split",
+    )
+    drums.add_argument(
+        "--test",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="SoundFonts whose kits are held out as test",
+    )
+    drums.add_argument("--out", type=Path, required=True, help="output folder")
+    drums.set_defaults(run=_render_gm_drums)
     return parser
 
 

@@ -300,7 +300,7 @@ def test_prepare_command_writes_manifest_and_reports(
     assert "esc50.csv not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prepare", "shard", "stats"])
+@pytest.mark.parametrize("command", ["prepare", "shard", "stats", "render-gm-drums"])
 def test_every_command_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
