@@ -79,15 +79,20 @@ stats: $(STAMP)  ## recompute fbank mean/std of a shard folder: make stats SHARD
 	$(PY) -m data_prep stats --shards $(SHARDS)
 
 # A second labelled real-audio set for `ssamba label-efficiency`: drum hits of the GS kits
-# in Debian's GM SoundFonts, 7 classes; MuseScore General's kits are the test split.
+# in Debian's GM SoundFonts, 7 classes; MuseScore General's kits are the test split. Also
+# unlabelled notes of every melodic program of the training fonts: more pretraining audio.
 # Needs: apt-get install libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont
 SF2 ?= /usr/share/sounds/sf2
 SF3 ?= /usr/share/sounds/sf3
-devset-drums: $(STAMP)  ## render + shard the GM drum set into $(WORK)/shards/gm_drums
+devset-drums: $(STAMP)  ## render + shard the GM drum set (+ unlabelled notes) into $(WORK)/shards/gm_{drums,notes}
 	$(PY) -m data_prep render-gm-drums --train $(SF2)/FluidR3_GM.sf2 $(SF2)/TimGM6mb.sf2 \
 	    --test $(SF3)/MuseScore_General_Full.sf3 --out $(WORK)/devsets/gm_drums
 	$(PY) -m data_prep shard --corpus gm-drums --src $(WORK)/devsets/gm_drums \
 	    --out $(WORK)/shards/gm_drums --workers $(JOBS)
+	$(PY) -m data_prep render-gm-notes --fonts $(SF2)/FluidR3_GM.sf2 $(SF2)/TimGM6mb.sf2 \
+	    --out $(WORK)/devsets/gm_notes
+	$(PY) -m data_prep shard --corpus unlabelled --src $(WORK)/devsets/gm_notes \
+	    --out $(WORK)/shards/gm_notes --workers $(JOBS)
 
 # ---- demo --------------------------------------------------------------------
 demo: $(STAMP)  ## shard FSDD, pretrain, fine-tune and probe against random init; DEMO=quick is shorter

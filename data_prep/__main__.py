@@ -4,6 +4,7 @@ prepare  corpus folder -> manifest.jsonl (+ labels.csv); no audio is decoded
 shard    prepare, then write WebDataset shards, rejects.jsonl, index.json, stats.json
 stats    recompute the fbank (or MFCC) mean/std of a shard folder into its stats.json
 render-gm-drums  render the GM drum development set from SoundFonts (then shard it)
+render-gm-notes  render unlabelled notes of every melodic GM program (pretraining audio)
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def _render_gm_drums(args: argparse.Namespace) -> int:
         f"gm-drums: {counts['written']} hits -> {args.out}; {counts['silent']} silent "
         "(a kit without a sample for that key) left out"
     )
+    return 0
+
+
+def _render_gm_notes(args: argparse.Namespace) -> int:
+    from data_prep.gm_drums import render_gm_notes
+
+    counts = render_gm_notes(args.fonts, args.out)
+    print(f"gm-notes: {counts['written']} notes -> {args.out}; {counts['silent']} silent left out")
     return 0
 
 
@@ -182,6 +191,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     drums.add_argument("--out", type=Path, required=True, help="output folder")
     drums.set_defaults(run=_render_gm_drums)
+
+    notes = commands.add_parser(
+        "render-gm-notes",
+        help="render unlabelled notes of every melodic GM program (more pretraining audio)",
+        description=(
+            "Render every melodic program of General-MIDI SoundFonts at C2..C6, two "
+            "velocities, 1 s at 16 kHz, into OUT/; shard them with --corpus unlabelled."
+        ),
+    )
+    notes.add_argument(
+        "--fonts", type=Path, nargs="+", required=True, help="SoundFonts (.sf2/.sf3)"
+    )
+    notes.add_argument("--out", type=Path, required=True, help="output folder")
+    notes.set_defaults(run=_render_gm_notes)
     return parser
 
 

@@ -7,6 +7,9 @@ must recognise a snare it has never heard.
 
     render_gm_drums(train_fonts, test_fonts, out)  -> out/{train,test}/{class}/{clip}.wav
     prepare_gm_drums(out, manifest_dir)             -> manifest with `kit` in every clip
+    render_gm_notes(fonts, out)                     -> out/{clip}.wav: unlabelled notes of
+                                                       every melodic program, more audio to
+                                                       pretrain on (`--corpus unlabelled`)
 
 Kits: the eight GS kit programs (Standard, Room, Power, Electronic, TR-808, Jazz, Brush,
 Orchestra) in bank 128 of each font; a font's numbered variants ("Standard 3") reuse the
@@ -45,6 +48,8 @@ DRUM_CLASSES: dict[str, tuple[int, ...]] = {
 }
 KIT_PROGRAMS: tuple[int, ...] = (0, 8, 16, 24, 25, 32, 40, 48)  # the GS kits in bank 128
 VELOCITIES: tuple[int, ...] = (40, 70, 100, 127)
+NOTE_KEYS: tuple[int, ...] = (36, 48, 60, 72, 84)  # C2..C6
+NOTE_VELOCITIES: tuple[int, ...] = (60, 110)
 SAMPLE_RATE = 16000
 SECONDS = 1.0
 DRUM_CHANNEL = 9  # MIDI channel 10
@@ -67,13 +72,7 @@ def render_gm_drums(
     for split, fonts in (("train", train_fonts), ("test", test_fonts)):
         for font in fonts:
             font = require(Path(font), "SoundFont")
-            synth = fluidsynth.Synth(gain=0.5, samplerate=float(SAMPLE_RATE))
-            # effects off: the kit's own recording, not FluidSynth's room
-            synth.setting("synth.reverb.active", 0)
-            synth.setting("synth.chorus.active", 0)
-            font_id = synth.sfload(str(font))
-            if font_id == -1:
-                raise ValueError(f"{font}: FluidSynth cannot read this SoundFont")
+            synth, font_id = _open_font(fluidsynth, font)
             for program in KIT_PROGRAMS:
                 name = synth.sfpreset_name(font_id, 128, program)
                 if not name:
@@ -85,7 +84,7 @@ def render_gm_drums(
                     folder.mkdir(parents=True, exist_ok=True)
                     for key in keys:
                         for velocity in velocities:
-                            hit = _render_hit(synth, key, velocity)
+                            hit = _render_hit(synth, DRUM_CHANNEL, key, velocity)
                             if np.abs(hit).max() < SILENCE_PEAK:
                                 counts["silent"] += 1
                                 continue
@@ -119,14 +118,61 @@ def prepare_gm_drums(src_dir: Path, out_dir: Path) -> Path:
     return finish(records, Path(out_dir), [(name, name) for name in DRUM_CLASSES])
 
 
-def _render_hit(synth, key: int, velocity: int) -> np.ndarray:
+def render_gm_notes(
+    fonts: Sequence[Path],
+    out_dir: Path,
+    keys: Sequence[int] = NOTE_KEYS,
+    velocities: Sequence[int] = NOTE_VELOCITIES,
+) -> Counter:
+    """Every melodic program (bank 0) of `fonts` at `keys` and `velocities`, unlabelled, to
+    `out_dir/{font}-p{program}_k{key}_v{vel}.wav`: more audio to pretrain on. Use the
+    training fonts only, so nothing of the held-out kits' font is seen in pretraining.
+
+    Returns counts: `written` and `silent` (a program without a sample there).
+    """
+    fluidsynth = _import_fluidsynth()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    for font in fonts:
+        font = require(Path(font), "SoundFont")
+        synth, font_id = _open_font(fluidsynth, font)
+        for program in range(128):
+            if not synth.sfpreset_name(font_id, 0, program):
+                continue
+            synth.program_select(0, font_id, 0, program)
+            for key in keys:
+                for velocity in velocities:
+                    note = _render_hit(synth, 0, key, velocity)
+                    if np.abs(note).max() < SILENCE_PEAK:
+                        counts["silent"] += 1
+                        continue
+                    name = f"{_slug(font.stem)}-p{program}_k{key}_v{velocity}.wav"
+                    soundfile.write(out_dir / name, note, SAMPLE_RATE, subtype="PCM_16")
+                    counts["written"] += 1
+        synth.delete()
+    return counts
+
+
+def _open_font(fluidsynth, font: Path) -> tuple:
+    """(synth, font id) at 16 kHz, reverb and chorus off: the font's own recordings."""
+    synth = fluidsynth.Synth(gain=0.5, samplerate=float(SAMPLE_RATE))
+    synth.setting("synth.reverb.active", 0)
+    synth.setting("synth.chorus.active", 0)
+    font_id = synth.sfload(str(font))
+    if font_id == -1:
+        raise ValueError(f"{font}: FluidSynth cannot read this SoundFont")
+    return synth, font_id
+
+
+def _render_hit(synth, channel: int, key: int, velocity: int) -> np.ndarray:
     """(SAMPLE_RATE * SECONDS,) float32 mono: note on at 0, off at 0.2 s, cut at 1 s."""
     held = int(0.2 * SAMPLE_RATE)
-    synth.noteon(DRUM_CHANNEL, key, velocity)
+    synth.noteon(channel, key, velocity)
     head = synth.get_samples(held)
-    synth.noteoff(DRUM_CHANNEL, key)
+    synth.noteoff(channel, key)
     tail = synth.get_samples(int(SECONDS * SAMPLE_RATE) - held)
-    synth.all_sounds_off(DRUM_CHANNEL)  # no ringing cymbal leaks into the next hit
+    synth.all_sounds_off(channel)  # no ringing cymbal leaks into the next hit
     synth.get_samples(SAMPLE_RATE // 10)
     stereo = np.concatenate([head, tail]).reshape(-1, 2).astype(np.float32) / 32768.0
     return stereo.mean(axis=1)

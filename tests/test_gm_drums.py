@@ -1,5 +1,6 @@
 """The GM drum development set: rendered from a real SoundFont (Debian's TimGM6mb, GPL-2,
-installed by `.ci/run` with libfluidsynth3), labelled by the GM key map, test kits apart."""
+installed by `.ci/run` with libfluidsynth3), labelled by the GM key map, test kits apart;
+and the unlabelled melodic notes rendered beside it for pretraining."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 import soundfile as sf
 
 from data_prep.__main__ import main
-from data_prep.gm_drums import DRUM_CLASSES, KIT_PROGRAMS, SAMPLE_RATE, prepare_gm_drums
+from data_prep.folder import prepare_unlabelled
+from data_prep.gm_drums import (
+    DRUM_CLASSES,
+    KIT_PROGRAMS,
+    NOTE_KEYS,
+    NOTE_VELOCITIES,
+    SAMPLE_RATE,
+    prepare_gm_drums,
+)
 from data_prep.manifest import read_manifest
 from ssamba.data.shard_format import read_labels
 
@@ -75,3 +84,17 @@ def test_a_missing_soundfont_is_one_line(
     args = ["render-gm-drums", "--train", str(tmp_path / "no.sf2"), "--test", str(FONT)]
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     assert "no.sf2: SoundFont not found" in capsys.readouterr().err
+
+
+def test_melodic_notes_render_unlabelled_for_pretraining(tmp_path: Path) -> None:
+    out = tmp_path / "notes"
+    assert main(["render-gm-notes", "--fonts", str(FONT), "--out", str(out)]) == 0
+    files = sorted(out.glob("*.wav"))
+    per_program = len(NOTE_KEYS) * len(NOTE_VELOCITIES)
+    programs = {f.stem.split("_")[0] for f in files}
+    assert len(programs) == 128  # TimGM6mb has every GM program
+    assert len(files) > 0.95 * 128 * per_program  # a few high notes may have no sample
+    piano, rate = sf.read(out / "Timgm6Mb-p0_k60_v110.wav")
+    assert rate == SAMPLE_RATE and len(piano) == SAMPLE_RATE and np.abs(piano).max() > 0.01
+    records = read_manifest(prepare_unlabelled(out, tmp_path / "manifest"))
+    assert len(records) == len(files) and all(r["labels"] == [] for r in records)
