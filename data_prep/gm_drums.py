@@ -12,8 +12,8 @@ must recognise a snare it has never heard.
                                                        pretrain on (`--corpus unlabelled`)
 
 Kits: the eight GS kit programs (Standard, Room, Power, Electronic, TR-808, Jazz, Brush,
-Orchestra) in bank 128 of each font; a font's numbered variants ("Standard 3") reuse the
-same recordings and are left out. Classes: 7 instrument groups of the GM percussion key
+Orchestra) in bank 128 of each font; a font's numbered variants ("Standard 3") are mostly
+the same kit re-voiced and are left out. Classes: 7 instrument groups of the GM percussion key
 map (`DRUM_CLASSES`). Each key is rendered at several velocities, since good fonts switch
 to another recording per velocity layer, 1 s at 16 kHz, without reverb or chorus (they
 would smear the kit's own sound). A key a kit has no sample for renders silence: it is
