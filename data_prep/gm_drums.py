@@ -85,12 +85,9 @@ def render_gm_drums(
                     for key in keys:
                         for velocity in velocities:
                             hit = _render_hit(synth, DRUM_CHANNEL, key, velocity)
-                            if np.abs(hit).max() < SILENCE_PEAK:
-                                counts["silent"] += 1
-                                continue
-                            path = folder / f"{kit}_k{key}_v{velocity}.wav"
-                            soundfile.write(path, hit, SAMPLE_RATE, subtype="PCM_16")
-                            counts["written"] += 1
+                            _write_unless_silent(
+                                hit, folder / f"{kit}_k{key}_v{velocity}.wav", counts
+                            )
             synth.delete()
     return counts
 
@@ -144,14 +141,19 @@ def render_gm_notes(
             for key in keys:
                 for velocity in velocities:
                     note = _render_hit(synth, 0, key, velocity)
-                    if np.abs(note).max() < SILENCE_PEAK:
-                        counts["silent"] += 1
-                        continue
                     name = f"{_slug(font.stem)}-p{program}_k{key}_v{velocity}.wav"
-                    soundfile.write(out_dir / name, note, SAMPLE_RATE, subtype="PCM_16")
-                    counts["written"] += 1
+                    _write_unless_silent(note, out_dir / name, counts)
         synth.delete()
     return counts
+
+
+def _write_unless_silent(audio: np.ndarray, path: Path, counts: Counter) -> None:
+    """Write a rendered note as 16-bit wav and count it, or count it silent (no sample)."""
+    if np.abs(audio).max() < SILENCE_PEAK:
+        counts["silent"] += 1
+        return
+    soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+    counts["written"] += 1
 
 
 def _open_font(fluidsynth, font: Path) -> tuple:
