@@ -81,6 +81,7 @@ class FinetuneSettings:
     warmup_steps: int = 20
     pooling: str = "mean"
     probe_read: str = "layers"
+    probe_l2: float = 1e-3  # the linear probe's L2 weight (standardised features)
     budgets: tuple[int | None, ...] | None = None  # fine-tuned budgets (None: every one)
 
     def steps(self, clips: int) -> int:
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="layers",
         help="what the linear probe reads: the pooled output, or every block's pooled output",
     )
+    parser.add_argument(
+        "--probe-l2",
+        type=float,
+        default=FinetuneSettings.probe_l2,
+        help="L2 weight of the linear probe's logistic regression (standardised features)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     return parser
 
@@ -188,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if not modes or set(modes) - set(MODES):
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
+        if not args.probe_l2 >= 0:  # also refuses nan
+            raise InputError(f"--probe-l2: {args.probe_l2} is not a weight >= 0")
         folds = plan_folds(args.shards, args.loso, args.folds)
         check_budgets(args.shards, folds, budgets, seeds)
         if args.encoder:
@@ -199,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_steps=args.finetune_min_steps,
             pooling=args.pooling,
             probe_read=args.probe_read,
+            probe_l2=args.probe_l2,
             budgets=tuple(tuned),
         )
         runs = evaluate(args.shards, encoder, folds, budgets, seeds, modes, settings)
@@ -436,7 +446,7 @@ def linear_probe(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     num_classes: int,
-    l2: float = 1e-3,
+    l2: float,
 ) -> float:
     """Logistic regression on standardised embeddings (L-BFGS); test accuracy."""
     mean, std = train_x.mean(0), train_x.std(0, unbiased=False).clamp(min=1e-6)
@@ -547,7 +557,12 @@ def evaluate(
                         if mode == "linear":
                             emb = embeddings[(init, 0 if init == "pretrained" else seed)]
                             acc = linear_probe(
-                                emb[rows], y, emb[test_rows], test_y, features.num_classes
+                                emb[rows],
+                                y,
+                                emb[test_rows],
+                                test_y,
+                                features.num_classes,
+                                settings.probe_l2,
                             )
                         else:
                             task = build_task(

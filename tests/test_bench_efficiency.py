@@ -74,3 +74,18 @@ def test_slopes_fit_power_laws():
     assert slope["points"] == 3
     assert slope["time_slope"] == pytest.approx(1.0)
     assert slope["memory_slope"] == pytest.approx(2.0)
+
+
+def test_environment_keeps_a_subset_and_names_an_unknown_model(tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setattr(efficiency, "BATCHES", (1, 4))
+    monkeypatch.setenv("SSAMBA_BENCH_MODELS", "ssamba-tiny")
+    monkeypatch.setenv("SSAMBA_BENCH_MODES", "inference")
+    monkeypatch.setenv("SSAMBA_BENCH_BATCHES", "4")
+
+    rows = efficiency.run(tmp_path, quick=True)
+
+    assert {(r["model"], r["mode"], r["batch"]) for r in rows} == {("ssamba-tiny", "inference", 4)}
+    assert len(rows) == 2  # the two quick token counts
+    monkeypatch.setenv("SSAMBA_BENCH_MODELS", "ssamba-tiny,ssast-huge")
+    with pytest.raises(SystemExit, match="SSAMBA_BENCH_MODELS: unknown ssast-huge"):
+        efficiency.run(tmp_path, quick=True)

@@ -242,3 +242,26 @@ def test_backward_keeps_no_activation_of_the_inner_width(recompute_in_proj):
     xz = 0 if recompute_in_proj else batch * length * 2 * d_inner
     expected = batch * length * 32 + xz + 2 * per_direction  # hidden, xz, directions
     assert sum(t.numel() for t in activations) == expected, [tuple(t.shape) for t in activations]
+
+
+def test_inference_reuses_its_temporaries_and_matches_the_reference(monkeypatch):
+    """Inference takes xz, y and u from the per-thread workspace (no fresh large blocks per
+    call), gives the reference's output at two lengths, and release_workspace frees them."""
+    mixer = make_mixer("v2").eval()
+    fused.release_workspace()
+    outputs = {}
+    with torch.inference_mode():
+        for length in (LENGTH, LENGTH // 2):
+            hidden = torch.randn(2, length, D_MODEL, generator=torch.Generator().manual_seed(1))
+            outputs[length] = (hidden, mixer(hidden))
+            if length == LENGTH:
+                buffers = {n: b.data_ptr() for n, b in fused._workspace.buffers.items()}
+        assert set(buffers) == {"xz", "y", "u"}
+        # the shorter call ran in the longer call's buffers
+        assert {n: b.data_ptr() for n, b in fused._workspace.buffers.items()} == buffers
+        monkeypatch.setenv("SSAMBA_SCAN", "ref")
+        mixer.use_fast_path = False
+        for length, (hidden, out) in outputs.items():
+            assert_close(f"out at {length}", out, mixer(hidden))
+    fused.release_workspace()
+    assert not fused._workspace.buffers

@@ -94,6 +94,7 @@ def test_the_random_init_is_the_pretrained_architecture_with_other_weights(encod
         ("unlabelled", "unlabelled shard folder"),
         ("loso_field", "--loso accent"),
         ("missing_encoder", "no such file"),
+        ("negative_l2", "--probe-l2: -1.0"),
     ],
 )
 def test_bad_input_stops_with_one_line_before_any_training(
@@ -108,6 +109,8 @@ def test_bad_input_stops_with_one_line_before_any_training(
         folder = write_shard_folder(tmp_path / "raw", {"train": [clips["train"]]}, classes=None)
     elif problem == "loso_field":
         extra += ["--loso", "accent"]
+    elif problem == "negative_l2":
+        extra += ["--probe-l2", "-1"]
     else:
         extra = ["--encoder", tmp_path / "nope.pt", "--labels-per-class", "1"]
     out = tmp_path / "out"

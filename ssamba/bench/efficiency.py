@@ -24,7 +24,9 @@ Points are skipped, with the reason in `status`, when their peak memory is predi
 above `SSAMBA_BENCH_MEM_GB` (default 16) or above the memory the machine has available,
 when one call is predicted longer than `SSAMBA_BENCH_MAX_CALL_S` (default 300), or when
 it would not finish within what is left of `SSAMBA_BENCH_BUDGET_S` (default: no budget).
-`SSAMBA_BENCH_TOKENS` (comma-separated) replaces the token counts. The CSV is rewritten
+`SSAMBA_BENCH_TOKENS` (comma-separated) replaces the token counts;
+`SSAMBA_BENCH_MODELS`, `SSAMBA_BENCH_MODES` and `SSAMBA_BENCH_BATCHES` (comma-separated)
+keep a subset of the models, workloads and batch sizes. The CSV is rewritten
 after every point; `SSAMBA_BENCH_RESUME=<efficiency.csv>` continues an interrupted run.
 Predictions extrapolate the model's smaller measured points on log-log axes (the naive
 attention also by the size of its (tokens x tokens) matrices).
@@ -79,20 +81,23 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
     device = os.environ.get("SSAMBA_BENCH_DEVICE", "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     limits = _Limits.from_env()
+    chosen = _env_subset("SSAMBA_BENCH_MODELS", list(MODELS))
     models = {
         name: spec
         for name, spec in MODELS.items()
-        if spec[1].get("attention") != "fta" or _has_fta()
+        if name in chosen and (spec[1].get("attention") != "fta" or _has_fta())
     }
+    modes = _env_subset("SSAMBA_BENCH_MODES", list(MODES))
+    batches = [int(b) for b in _env_subset("SSAMBA_BENCH_BATCHES", [str(b) for b in BATCHES])]
     tokens_list = QUICK_TOKENS if quick else TOKENS
     if os.environ.get("SSAMBA_BENCH_TOKENS"):  # e.g. "512,2048,8192,22016,32768"
         tokens_list = [int(t) for t in os.environ["SSAMBA_BENCH_TOKENS"].split(",")]
     repeats = QUICK_REPEATS if quick else REPEATS
     previous = read_rows(os.environ.get("SSAMBA_BENCH_RESUME"))
     rows: list[dict] = []
-    for mode in MODES:
+    for mode in modes:
         for tokens in tokens_list:
-            for batch in BATCHES:
+            for batch in batches:
                 for name, (family, overrides) in models.items():
                     point = {
                         "model": name,
@@ -120,6 +125,16 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
     for line in _comparison_lines(comparison):
         print(line)
     return rows
+
+
+def _env_subset(key: str, allowed: list[str]) -> list[str]:
+    """The comma-separated subset of `allowed` named by environment variable `key` (all
+    of them when it is unset or empty); an unknown name is a one-line error."""
+    names = [n.strip() for n in os.environ.get(key, "").split(",") if n.strip()]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise SystemExit(f"{key}: unknown {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return names or allowed
 
 
 def read_rows(path: str | None) -> dict[tuple, dict]:

@@ -364,13 +364,17 @@ def _groups(p: _Params, reverse: bool) -> list[list[tuple[Direction, bool]]]:
 
 
 class _Workspace(threading.local):
-    """The training path's (batch, length, d_inner) temporaries, reused from call to call.
+    """The mixer's (batch, length, d_inner) temporaries (xz, y, u), reused from call to call.
 
-    A pretraining step allocates and frees several such tensors per layer between the
-    activations it keeps; with glibc's allocator the holes they left made the resident
-    memory about twice what was in use (in use 1.3 GB, resident 2.5 GB). Kept per thread,
-    each at the largest size asked for; inference calls allocate normally instead, so a
-    long input leaves nothing behind.
+    Training: a pretraining step allocates and frees several such tensors per layer
+    between the activations it keeps; with glibc's allocator the holes they left made the
+    resident memory about twice what was in use (in use 1.3 GB, resident 2.5 GB).
+    Inference: glibc serves every block over 32 MB with a fresh mmap, which the kernel
+    zero-fills page by page on first touch, call after call; at batch 4 and 16k tokens
+    those page faults made elementwise work 4-8x slower per token than at 4k (the
+    benchmark's inference time slope 1.15 instead of linear). Kept per thread, each at the
+    largest size asked for (at 22k tokens, batch 1, tiny: about 135 MB), until
+    `release_workspace`.
     """
 
     def __init__(self) -> None:
@@ -389,14 +393,19 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
+def release_workspace() -> None:
+    """Free this thread's mixer temporaries (after a long input, when memory matters more
+    than the next call's speed)."""
+    _workspace.buffers.clear()
+
+
 def _forward(
     inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool, keep_xz: bool
 ) -> list[Tensor]:
     """[out, *saved] (see the op); the scans add scale * their output into one y.
 
     What outlives the call (out, and with `save` the states, x_dbl and a kept xz) is
-    allocated before the temporaries (xz, y, u), which a training call takes from the
-    workspace.
+    allocated before the temporaries (xz, y, u), which come from the workspace.
     """
     kernel = load_cpu_kernel()
     out_dtype, inp = inp.dtype, inp.to(_compute_dtype(inp.dtype))
@@ -406,24 +415,19 @@ def _forward(
     out = inp.new_empty(batch * length, p.out_proj_weight.shape[0])
     saved = _new_saved(inp, groups) if save else []
 
-    def temporary(name: str, width: int = d_inner) -> Tensor:
-        if save:
-            return _workspace(name, inp, width)
-        return inp.new_empty(batch, length, width)
-
     keep_xz = keep_xz and save and p.in_proj_weight is not None
     if keep_xz:
         saved.append(inp.new_empty(batch, length, 2 * d_inner))
-    xz_out = saved[-1] if keep_xz else temporary("xz", 2 * d_inner)
+    xz_out = saved[-1] if keep_xz else _workspace("xz", inp, 2 * d_inner)
     xz = _in_proj(inp, p, xz_out if p.in_proj_weight is not None else None)
     x, z = (_channels(t) for t in xz.split(d_inner, dim=-1))
-    y = temporary("y")
+    y = _workspace("y", inp, d_inner)
     kept = iter(saved)
     first = True
     for group in groups:
         states = [next(kept) if save else None for _ in group]
         x_dbl = next(kept) if save else None
-        s = _scan_inputs(x, *group[0], x_dbl_out=x_dbl, u_out=temporary("u") if save else None)
+        s = _scan_inputs(x, *group[0], x_dbl_out=x_dbl, u_out=_workspace("u", inp, d_inner))
         for (d, rev), chunk_states in zip(group, states, strict=True):
             kernel.scan_forward(
                 s.u, s.dt, -torch.exp(d.A_log), s.B, s.C, d.D, z, d.dt_proj_bias, True, rev,
