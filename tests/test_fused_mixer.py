@@ -246,7 +246,8 @@ def test_backward_keeps_no_activation_of_the_inner_width(recompute_in_proj):
 
 def test_inference_reuses_its_temporaries_and_matches_the_reference(monkeypatch):
     """Inference takes xz, y and u from the per-thread workspace (no fresh large blocks per
-    call), gives the reference's output at two lengths, and release_workspace frees them."""
+    call), gives the reference's output at two lengths, a training step can follow, and
+    release_workspace frees them."""
     mixer = make_mixer("v2").eval()
     fused.release_workspace()
     outputs = {}
@@ -263,5 +264,12 @@ def test_inference_reuses_its_temporaries_and_matches_the_reference(monkeypatch)
         mixer.use_fast_path = False
         for length, (hidden, out) in outputs.items():
             assert_close(f"out at {length}", out, mixer(hidden))
+    # training after inference (Lightning validates under inference_mode) writes into the
+    # same buffers: they must be normal tensors
+    monkeypatch.delenv("SSAMBA_SCAN")
+    mixer.train().use_fast_path = True
+    hidden = torch.randn(2, LENGTH, D_MODEL, requires_grad=True)
+    mixer(hidden).sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     fused.release_workspace()
     assert not fused._workspace.buffers

@@ -386,7 +386,10 @@ class _Workspace(threading.local):
         numel = shape[0] * shape[1] * width
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
-            buffer = self.buffers[name] = like.new_empty(numel)
+            # A normal tensor even when first asked for under inference_mode (Lightning
+            # validates in it): an inference tensor could not be written outside it.
+            with torch.inference_mode(False):
+                buffer = self.buffers[name] = like.new_empty(numel)
         return buffer[:numel].view(shape)
 
 
