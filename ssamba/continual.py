@@ -142,14 +142,18 @@ def train_task(
 
 
 @torch.no_grad()
-def accuracy(encoder: nn.Module, head: nn.Module, pooling: str, data: Any) -> float:
-    """Test accuracy of encoder + pooling + head on `data`'s test set."""
+def accuracy(
+    encoder: nn.Module, head: nn.Module, pooling: str, data: Any, ignore_padding: bool = False
+) -> float:
+    """Test accuracy of encoder + pooling (of the clips' own patches with `ignore_padding`)
+    + head on `data`'s test set."""
     encoder.eval()
     head.eval()
     data.setup("test")
     correct = total = 0
     for batch in data.test_dataloader():
-        logits = head(encoder.pool(encoder.forward_features(batch["fbank"]), pooling))
+        keep = encoder.clip_patches(batch["frames"]) if ignore_padding else None
+        logits = head(encoder.pool(encoder.forward_features(batch["fbank"]), pooling, keep))
         correct += int((logits.argmax(1) == batch["label"]).sum())
         total += len(batch["label"])
     return correct / max(total, 1)
@@ -196,7 +200,7 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
                 encoder, head = bundle.encoder, _head(bundle.head)
             else:  # linear: the frozen encoder; finetune: the encoder as it is now
                 encoder, head = model.encoder, _head(heads[j])
-            row.append(accuracy(encoder, head, pooling, datas[j]))
+            row.append(accuracy(encoder, head, pooling, datas[j], model.hparams.ignore_padding))
         print(f"   {method} after {name!r}: " + ", ".join(f"{a:.4f}" for a in row), flush=True)
         matrix.append(row)
     if method == "adapter":  # the shared encoder must be the one every file refers to

@@ -80,6 +80,7 @@ class FinetuneSettings:
     min_steps: int = 60
     warmup_steps: int = 20
     pooling: str = "mean"
+    ignore_padding: bool = False  # mean pooling over the clip's own patches only
     probe_read: str = "layers"
     probe_l2: float = 1e-3  # the linear probe's L2 weight (standardised features)
     budgets: tuple[int | None, ...] | None = None  # fine-tuned budgets (None: every one)
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-min-steps", type=int, default=FinetuneSettings.min_steps)
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSettings.lr)
     parser.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    parser.add_argument(
+        "--ignore-padding",
+        action="store_true",
+        help="probes and fine-tunes pool only the patches holding each clip's own frames, "
+        "not the padding of clips shorter than the window (ClassifyTask's ignore_padding)",
+    )
     parser.add_argument(
         "--probe-read",
         choices=("last", "layers"),
@@ -207,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.finetune_epochs,
             min_steps=args.finetune_min_steps,
             pooling=args.pooling,
+            ignore_padding=args.ignore_padding,
             probe_read=args.probe_read,
             probe_l2=args.probe_l2,
             budgets=tuple(tuned),
@@ -348,6 +356,7 @@ class Features:
     """Every clip of the folder: filterbanks, labels, ids (one row each)."""
 
     fbank: torch.Tensor  # (clips, frames, bins)
+    frames: torch.Tensor  # (clips,) long: each clip's own frames (the rest is padding)
     label: torch.Tensor  # (clips,) long
     ids: list[str]
     num_classes: int
@@ -377,12 +386,13 @@ def clip_features(shards: Path, fbank_cfg: Any) -> Features:
         mixup_alpha=10.0,
     )
     batches = ClipBatches(clips, builder, 256, 0, 1, False, 0, SkipCounter(0))
-    fbanks, labels, ids = [], [], []
+    fbanks, frames, labels, ids = [], [], [], []
     for batch in batches:
         fbanks.append(batch["fbank"])
+        frames.append(batch["frames"])
         labels.append(batch["label"])
         ids += batch["id"]
-    return Features(torch.cat(fbanks), torch.cat(labels), ids, len(classes))
+    return Features(torch.cat(fbanks), torch.cat(frames), torch.cat(labels), ids, len(classes))
 
 
 def train_ids(shards: Path, fold: Fold, budget: int | None, seed: int) -> tuple[list, list]:
@@ -412,6 +422,7 @@ def build_task(
     common = dict(
         num_classes=num_classes,
         pooling=settings.pooling,
+        ignore_padding=settings.ignore_padding,
         mode=mode,
         optimizer="adam",
         lr=settings.lr,
@@ -425,19 +436,27 @@ def build_task(
 
 
 @torch.no_grad()
-def embed_all(task: Any, fbank: torch.Tensor, read: str = "last", batch: int = 256) -> torch.Tensor:
+def embed_all(
+    task: Any, fbank: torch.Tensor, frames: torch.Tensor, read: str = "last", batch: int = 256
+) -> torch.Tensor:
     """Frozen clip embeddings (clips, dim): the pooled output ("last"), or ("layers") the
-    pooled output of every block (pair) side by side (clips, blocks * dim)."""
+    pooled output of every block (pair) side by side (clips, blocks * dim).
+
+    fbank: (clips, frames, bins); frames: (clips,) their own frames (the task's
+    `ignore_padding` reads them)."""
     task.eval()
     encoder, pooling = task.encoder, task.hparams.pooling
 
-    def one(chunk: torch.Tensor) -> torch.Tensor:
+    def one(chunk: torch.Tensor, own_frames: torch.Tensor) -> torch.Tensor:
         if read == "last":
-            return task.embed(chunk)
+            return task.embed(chunk, own_frames)
+        keep = task.clip_patches(own_frames)
         layers = encoder.forward_features(chunk, return_layers=True)
-        return torch.cat([encoder.pool(x, pooling) for x in layers], dim=1)
+        return torch.cat([encoder.pool(x, pooling, keep) for x in layers], dim=1)
 
-    return torch.cat([one(fbank[i : i + batch]) for i in range(0, len(fbank), batch)])
+    return torch.cat(
+        [one(fbank[i : i + batch], frames[i : i + batch]) for i in range(0, len(fbank), batch)]
+    )
 
 
 def linear_probe(
@@ -470,24 +489,24 @@ def linear_probe(
 
 def finetune(
     task: Any,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
+    features: Features,
+    train_rows: torch.Tensor,
+    test_rows: torch.Tensor,
     settings: FinetuneSettings,
     seed: int,
 ) -> float:
-    """Fine-tune `task` for settings.steps(...) on a cosine schedule; test accuracy."""
+    """Fine-tune `task` on `train_rows` of `features` for settings.steps(...) on a cosine
+    schedule; accuracy on `test_rows`."""
     from ssamba.tasks.schedules import apply_lr, lr_factor
 
     optimiser = task.configure_optimizers()
-    steps = settings.steps(len(train_x))
+    steps = settings.steps(len(train_rows))
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     task.train()
     for step in range(steps):
-        if len(order) < min(settings.batch_size, len(train_x)):
-            order += torch.randperm(len(train_x), generator=generator).tolist()
+        if len(order) < min(settings.batch_size, len(train_rows)):
+            order += train_rows[torch.randperm(len(train_rows), generator=generator)].tolist()
         rows, order = order[: settings.batch_size], order[settings.batch_size :]
         apply_lr(
             [optimiser],
@@ -495,16 +514,17 @@ def finetune(
                 step, 0, schedule="cosine", warmup_steps=settings.warmup_steps, total_steps=steps
             ),
         )
-        targets = F.one_hot(train_y[rows], task.hparams.num_classes).float()
-        loss = task.loss(task(train_x[rows]), targets)
+        targets = F.one_hot(features.label[rows], task.hparams.num_classes).float()
+        loss = task.loss(task(features.fbank[rows], features.frames[rows]), targets)
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
         optimiser.step()
     task.eval()
     with torch.no_grad():
-        logits = torch.cat([task(test_x[i : i + 256]) for i in range(0, len(test_x), 256)])
-    return float((logits.argmax(1) == test_y).float().mean())
+        chunks = test_rows.split(256)
+        logits = torch.cat([task(features.fbank[c], features.frames[c]) for c in chunks])
+    return float((logits.argmax(1) == features.label[test_rows]).float().mean())
 
 
 def evaluate(
@@ -533,12 +553,14 @@ def evaluate(
         embeddings[("pretrained", 0)] = embed_all(
             build_task(encoder_file, "pretrained", 0, "linear", settings, classes),
             features.fbank,
+            features.frames,
             settings.probe_read,
         )
         for seed in seeds:
             embeddings[("random", seed)] = embed_all(
                 build_task(encoder_file, "random", seed, "linear", settings, classes),
                 features.fbank,
+                features.frames,
                 settings.probe_read,
             )
     runs: list[Run] = []
@@ -568,15 +590,7 @@ def evaluate(
                             task = build_task(
                                 encoder_file, init, seed, "finetune", settings, classes
                             )
-                            acc = finetune(
-                                task,
-                                features.fbank[rows],
-                                y,
-                                features.fbank[test_rows],
-                                test_y,
-                                settings,
-                                seed,
-                            )
+                            acc = finetune(task, features, rows, test_rows, settings, seed)
                         run = Run(
                             init,
                             mode,

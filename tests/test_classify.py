@@ -274,6 +274,24 @@ def test_linear_probe_trains_the_head_and_leaves_the_encoder_untouched(tmp_path)
     assert all(not p.requires_grad for p in task.encoder.parameters())
 
 
+def test_ignore_padding_pools_the_clip_s_own_patches_and_needs_frames(tmp_path):
+    task = ClassifyTask(
+        num_classes=3, encoder=replace(SMALL, input_frames=128), ignore_padding=True
+    ).eval()
+    fbank = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(0))
+    frames = torch.tensor([128, 40])
+    with torch.no_grad():
+        tokens = task.encoder.forward_features(fbank)
+        embedded = task.embed(fbank, frames)
+    own = task.encoder.clip_patches(frames)
+    torch.testing.assert_close(embedded, task.encoder.pool(tokens, "mean", own))
+    torch.testing.assert_close(embedded[0], task.encoder.pool(tokens, "mean")[0])
+    assert not torch.allclose(embedded[1], task.encoder.pool(tokens, "mean")[1])
+    batch = synthetic_batches(1, 3)[0]  # no "frames"
+    with pytest.raises(ValueError, match="ignore_padding needs batches with 'frames'"):
+        task.training_step(batch, 0)
+
+
 def test_weight_averaging_tests_the_mean_of_the_chosen_epochs(tmp_path):
     snapshots = {}
 

@@ -172,6 +172,15 @@ def test_stream_gives_steps_per_epoch_batches_of_normalised_fbank(tmp_path, fsdd
     assert batch["fbank"].abs().mean() < 2
     seen = set(ids_of(epochs[0] + epochs[1]))
     assert len(seen) > 30, "the stream should move through the shards, not repeat a few clips"
+    # `frames` counts each clip's own frames: past it, only the padding's constant value
+    frames = torch.cat([b["frames"] for b in epochs[0]])
+    fbanks = torch.cat([b["fbank"] for b in epochs[0]])
+    assert frames.dtype == torch.long and frames.min() > 0 and frames.max() <= 48
+    assert (frames < 48).any()
+    for fbank, own in zip(fbanks, frames.tolist(), strict=True):
+        if own < 48:
+            padding = fbank[own:]
+            assert (padding == padding[:1]).all() and not (fbank[own - 1] == padding[0]).all()
 
 
 def test_random_crop_takes_a_frame_aligned_window_of_long_clips(tmp_path, fsdd16):

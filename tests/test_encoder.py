@@ -155,6 +155,20 @@ def test_ssast_cls_pooling_averages_cls_and_dist_tokens():
     torch.testing.assert_close(encoder.pool(tokens, "mean"), tokens[:, 2:].mean(dim=1))
 
 
+def test_clip_patches_are_the_columns_holding_frames_and_mean_pooling_can_keep_only_them():
+    encoder = small("ssamba", input_frames=64)  # 16 x 16 patches: 8 x 4 grid
+    frames = torch.tensor([64, 40, 16, 17, 0])
+    assert encoder.clip_columns(frames).tolist() == [4, 3, 1, 2, 1]
+    own = encoder.clip_patches(frames).view(5, 8, 4)
+    assert own[1, :, :3].all() and not own[1, :, 3:].any()
+    assert (own[1] == own[1, 0]).all()  # every frequency row alike
+    tokens = torch.randn(5, 1 + 32, 32)
+    pooled = encoder.pool(tokens, "mean", own.view(5, -1))
+    patches = encoder.patch_tokens(tokens).view(5, 8, 4, 32)
+    torch.testing.assert_close(pooled[1], patches[1, :, :3].mean(dim=(0, 1)))
+    torch.testing.assert_close(pooled[0], encoder.pool(tokens, "mean")[0])
+
+
 def test_resize_to_shorter_input_crops_position_grid_around_the_centre():
     encoder = small("ssamba", input_frames=1024)
     old = encoder.pos_embed.detach().clone()

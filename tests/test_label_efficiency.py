@@ -127,20 +127,24 @@ def test_bad_input_stops_with_one_line_before_any_training(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pretrain_then_probe_and_finetune_leave_one_speaker_out(shards, tmp_path):
+    # with the padding of short clips left out everywhere (the default path runs in
+    # test_demo): pretraining's masks and losses, the probes' and fine-tunes' pooling
     out = tmp_path / "le"
     pretrain = (
         "--trainer.max_steps=6 --trainer.val_check_interval=6 --model.encoder.depth=2 "
         "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=16 "
-        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
+        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false "
+        "--model.ignore_padding=true"
     )
     code = run(
         "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",
         "--folds", "george,theo", "--labels-per-class", "1,all", "--seeds", "0",
-        "--finetune-min-steps", "4", "--finetune-epochs", "1",
+        "--finetune-min-steps", "4", "--finetune-epochs", "1", "--ignore-padding",
     )  # fmt: skip
 
     assert code == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["options"]["ignore_padding"] is True
     assert Path(results["encoder"]).is_file() and str(out) in results["encoder"]
     runs = results["runs"]
     assert len(runs) == 2 * 2 * 2 * 2  # folds x budgets x inits x modes

@@ -346,3 +346,46 @@ def test_one_generator_per_clip_gives_a_clip_the_same_mask_in_any_batch():
     assert not torch.equal(first, second)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         make_mask(2, (8, 64), 400, generator=[torch.Generator()] * 3)
+
+
+# ------------------------------------------------------------------ padding left out
+@pytest.mark.parametrize("masking", ["uniform", "original"])
+def test_each_clip_s_content_gets_its_share_of_the_mask_and_padding_the_rest(masking):
+    grid, n_masked = (8, 4), 20
+    columns = torch.tensor([1, 2, 3, 4, 2, 1])
+    mask = make_mask(
+        6, grid, n_masked, (2, 3), torch.Generator().manual_seed(0), masking=masking,
+        clip_columns=columns,
+    )  # fmt: skip
+
+    assert mask.sum(dim=1).tolist() == [n_masked] * 6
+    inside = [int(m.view(grid)[:, :c].sum()) for m, c in zip(mask, columns.tolist(), strict=True)]
+    # the clip's share: n_masked * its columns / all columns (5, 10, 15, 20 of 20)
+    assert inside == [round(n_masked * c / grid[1]) for c in columns.tolist()]
+
+
+def test_blocks_stay_inside_the_clip_and_a_full_clip_gets_the_plain_draw():
+    grid = (8, 8)
+    full = torch.full((16,), 8)
+    plain = make_mask(16, grid, 30, (2, 3), torch.Generator().manual_seed(3))
+    aware = make_mask(16, grid, 30, (2, 3), torch.Generator().manual_seed(3), clip_columns=full)
+    assert torch.equal(plain, aware)
+    # half-length clips: their 15 content patches still come in blocks
+    half = make_mask(
+        200, grid, 30, (2, 3), torch.Generator().manual_seed(3), clip_columns=torch.full((200,), 4)
+    )
+    content = half.view(200, *grid)[:, :, :4].reshape(200, -1)
+    shuffled = random_mask(200, 32, 15, torch.Generator().manual_seed(3))
+    neighbours = masked_neighbours(content, (8, 4)).mean()
+    assert neighbours > masked_neighbours(shuffled, (8, 4)).mean() + 0.5
+
+
+def test_per_clip_generators_keep_each_clip_s_mask_with_clip_columns():
+    grid, columns = (8, 4), torch.tensor([1, 3, 4])
+    generators = [mask_generator(0, "val", f"clip-{i}") for i in range(3)]
+    together = make_mask(3, grid, 20, (2, 3), generators, clip_columns=columns)
+    alone = make_mask(
+        1, grid, 20, (2, 3), [mask_generator(0, "val", "clip-1")], clip_columns=columns[1:2]
+    )
+    assert torch.equal(together[1:2], alone)
+    assert together.sum(dim=1).tolist() == [20, 20, 20]

@@ -135,6 +135,24 @@ def test_accuracy_counts_predictions_whose_best_target_is_their_own_patch():
     assert float(accuracy) == float(raw_accuracy) == 0.5
 
 
+def test_info_nce_leaves_out_what_is_not_counted():
+    # Counting the first 3 of 5 masked patches equals InfoNCE on those 3 alone: they are
+    # neither positives nor negatives, whatever their values.
+    generator = torch.Generator().manual_seed(2)
+    preds = torch.randn(4, 5, 6, generator=generator)
+    targets = torch.randn(4, 5, 6, generator=generator)
+    counted = torch.tensor([True, True, True, False, False]).expand(4, -1)
+    for axis in ("original", "paper"):
+        expected = info_nce(preds[:, :3], targets[:, :3], axis)
+        got = info_nce(preds, targets, axis, counted=counted)
+        for value, reference in zip(got, expected, strict=True):
+            assert float(value) == pytest.approx(float(reference), rel=1e-6)
+    preds[:, 3:] = 1e3  # left-out values change nothing
+    assert float(info_nce(preds, targets, "original", counted=counted)[0]) == pytest.approx(
+        float(info_nce(preds[:, :3], targets[:, :3], "original")[0]), rel=1e-6
+    )
+
+
 # ------------------------------------------------------------------------ schedule
 def test_plateau_scale_follows_torch_reduce_lr_on_plateau():
     metrics = [0.0, 0.1, 0.2, 0.2, 0.19, 0.2, 0.21, 0.21, 0.21, 0.21, 0.05, 0.3]
@@ -251,6 +269,30 @@ def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank, singl
     assert float(out.loss) == pytest.approx(float(out.nce + 10.0 * out.mse), rel=1e-6)
     assert all(math.isfinite(float(v)) for v in (out.loss, out.nce, out.mse))
     assert out.reconstruction.shape == (10, 256)
+
+
+def test_ignore_padding_counts_only_the_clip_s_own_patches(fsdd_fbank):
+    task = _tiny_task(ignore_padding=True).eval()
+    grid_f, grid_t = task.encoder.grid
+    everything = torch.ones(4, grid_f * grid_t, dtype=torch.bool)
+    with torch.no_grad():
+        plain = task.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
+        # clips that fill the window: the same masks and losses as without the option
+        full = task.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5), everything)
+        assert torch.equal(plain.mask, full.mask)
+        assert float(plain.loss) == pytest.approx(float(full.loss), rel=1e-6)
+        # 20 frames of 64: 2 of 4 columns are the clip's, 5 of 10 masks fall on them
+        own = task.encoder.clip_patches(torch.tensor([20]))
+        short = task.mspm(fsdd_fbank[:1], 10, torch.Generator().manual_seed(5), own)
+    assert int((short.mask & own[0]).sum()) == 5 and int(short.mask.sum()) == 10
+    # the reconstruction error counts the 5 masked patches of the clip, not the padding
+    targets = task.encoder.unfold_patches(fsdd_fbank[:1])[0][short.mask]
+    errors = (short.reconstruction - targets).square().mean(dim=-1)
+    assert float(short.mse) == pytest.approx(float(errors[own[0][short.mask]].mean()), rel=1e-5)
+    assert float(short.mse) != pytest.approx(float(errors.mean()), rel=1e-3)
+    batch = {"fbank": fsdd_fbank, "id": ["a", "b", "c", "d"]}
+    with pytest.raises(ValueError, match="ignore_padding needs batches with 'frames'"):
+        task.clip_patches(batch)
 
 
 def test_validation_masks_default_to_400_of_512_patches():

@@ -70,6 +70,20 @@ def test_the_teacher_update_is_the_ema_of_the_student(digits):
     assert ema_decay_at(EAT, EAT.ema_anneal_steps + 5) == EAT.ema_end_decay
 
 
+def test_ignore_padding_leaves_padding_out_of_the_frame_loss_and_the_utterance_target(digits):
+    task = eat_task(ignore_padding=True).eval()
+    everything = torch.ones(8, task.encoder.num_patches, dtype=torch.bool)
+    own = task.encoder.clip_patches(torch.full((8,), 30))  # 2 of 4 time columns
+    with torch.no_grad():
+        frames, utterance = task.eat.targets(digits, own)
+        torch.testing.assert_close(utterance, frames[:, own[0]].mean(dim=1))
+        plain = task.eat(task.encoder, digits, torch.Generator().manual_seed(0))
+        full = task.eat(task.encoder, digits, torch.Generator().manual_seed(0), everything)
+        short = task.eat(task.encoder, digits, torch.Generator().manual_seed(0), own)
+    assert float(plain.loss) == pytest.approx(float(full.loss), rel=1e-6)
+    assert float(short.frame) != pytest.approx(float(plain.frame), rel=1e-3)
+
+
 def test_masks_keep_exactly_the_visible_share_in_blocks_and_differ_per_copy():
     mask = inverse_block_mask(4, 3, (8, 4), 0.75, 2, torch.Generator().manual_seed(1))
 

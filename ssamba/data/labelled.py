@@ -16,8 +16,9 @@ mixed too), SpecAugment and noise as the originals; evaluation is finite, in ord
 unaugmented, and every clip is read exactly once over all ranks (no padding), so metrics
 gathered across ranks are exact.
 
-Batches: `{"fbank": (B, T, F), "target": (B, num_classes) float32, "label": (B,) long
-(argmax; -1 for multi-label), "id": list[str]}`.
+Batches: `{"fbank": (B, T, F), "frames": (B,) long (each clip's own frames; the rest is
+padding), "target": (B, num_classes) float32, "label": (B,) long (argmax; -1 for
+multi-label), "id": list[str]}`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class LabelledBatch:
         targets = [self.target(c) for c in clips]
         if self.train and self.mixup > 0 and len(clips) > 1:
             waves, targets = self._mix(waves, targets, rng)
-        fbank, kept = batch_features(waves, self.cfg, self.train)
+        fbank, frames, kept = batch_features(waves, self.cfg, self.train)
         rejected = [c.id for i, c in enumerate(clips) if i not in kept]
         if not kept:
             return None, rejected
@@ -87,6 +88,7 @@ class LabelledBatch:
         label = torch.full((len(kept),), -1) if self.multi_label else target.argmax(1)
         return {
             "fbank": fbank,
+            "frames": frames,
             "target": target,
             "label": label,
             "id": [clips[i].id for i in kept],

@@ -11,7 +11,8 @@ run draws its stream from a seed derived from that step. Restarting with the ori
 seed would replay the clips of the run's first steps after every interruption (a job
 preempted every few hours would train on the same first hours of data again and again).
 
-Batches: `{"fbank": (batch, target_length, num_mel_bins) float32, "id": list[str]}`.
+Batches: `{"fbank": (batch, target_length, num_mel_bins) float32, "frames": (batch,) long,
+"id": list[str]}`; `frames` counts each clip's own frames (the rest is padding).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ShardSource(TypedDict):
 
 @dataclass
 class FbankBatch:
-    """Crop, filterbank and normalise: clips -> {"fbank": (B, T, F), "id": list[str]}."""
+    """Crop, filterbank and normalise: clips -> {"fbank": (B, T, F), "frames": (B,), "id": [...]}."""
 
     cfg: FbankConfig
     crop: CropPosition
@@ -56,11 +57,11 @@ class FbankBatch:
         self, clips: list[Clip], rng: random.Random
     ) -> tuple[dict[str, Any] | None, list[str]]:
         waves = [crop_wave(c.wave, self.cfg, self.crop, rng) for c in clips]
-        fbank, kept = batch_features(waves, self.cfg, self.train)
+        fbank, frames, kept = batch_features(waves, self.cfg, self.train)
         rejected = [c.id for i, c in enumerate(clips) if i not in kept]
         if not kept:
             return None, rejected
-        return {"fbank": fbank, "id": [clips[i].id for i in kept]}, rejected
+        return {"fbank": fbank, "frames": frames, "id": [clips[i].id for i in kept]}, rejected
 
 
 def source_shards(source: ShardSource, what: str) -> list[Shard]:

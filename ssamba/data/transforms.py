@@ -51,21 +51,25 @@ def crop_wave(
 
 def batch_features(
     waves: list[torch.Tensor], cfg: FbankConfig, train: bool
-) -> tuple[torch.Tensor, list[int]]:
-    """Filterbanks of a list of waves: (batch, target_length, bins), plus indices kept.
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Filterbanks of a list of waves: (batch, target_length, bins), frames (batch,), indices kept.
 
+    `frames` counts each clip's own frames, at most `target_length`: the rest of its window
+    is padding, which tasks with `ignore_padding` keep out of masking, losses and pooling.
     A wave whose filterbank is not finite is left out (its index missing from the list),
     so the caller can count it; `train` applies SpecAugment / noise as `cfg` says.
     """
-    feats, kept = [], []
+    feats, frames, kept = [], [], []
     for i, wave in enumerate(waves):
         fbank = clip_features(wave, cfg.sample_rate, cfg, train=train)
         if torch.isfinite(fbank).all():
             feats.append(fbank)
+            frames.append(min(cfg.num_frames(wave.numel()), fbank.shape[0]))
             kept.append(i)
     if not feats:
-        return torch.empty(0, cfg.target_length or 0, cfg.feature_dim), kept
-    return torch.stack(feats), kept
+        empty = torch.empty(0, cfg.target_length or 0, cfg.feature_dim)
+        return empty, torch.empty(0, dtype=torch.long), kept
+    return torch.stack(feats), torch.tensor(frames, dtype=torch.long), kept
 
 
 def normalisation_stats(

@@ -321,7 +321,7 @@ def save_adapter_file(
 ) -> Path:
     """Write adapters + head + labels + base reference; `base`: {"path", "sha256", "config"}
     (the base encoder's file and weights as loaded, before any resize), `extra`: geometry
-    ("input_frames", "stride") and "pooling" needed to rebuild the classifier."""
+    ("input_frames", "stride"), "pooling" and "ignore_padding" needed to rebuild the classifier."""
     if getattr(encoder, "adapters", None) is None:
         raise ValueError("save_adapter_file: the encoder has no adapters")
     path = Path(path)
@@ -352,7 +352,7 @@ def load_adapter_file(
     path recorded in the file. A base whose weights differ from the recorded checksum is
     refused (AdapterFileError naming both). Returns an `EncoderFile` whose encoder carries
     the adapters (resized to the stored geometry) and whose head/labels are the file's;
-    `provenance["pooling"]` says how to pool before the head.
+    `provenance["pooling"]` and `provenance["ignore_padding"]` say how to pool before the head.
     """
     from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
@@ -386,6 +386,7 @@ def load_adapter_file(
         "source": str(path),
         "base": recorded,
         "pooling": payload.get("pooling", "mean"),
+        "ignore_padding": payload.get("ignore_padding", False),
     }
     features = bundle.features
     if payload.get("features") is not None:

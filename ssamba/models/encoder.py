@@ -351,18 +351,43 @@ class AudioEncoder(nn.Module):
             return tokens[:, end:]
         return torch.cat([tokens[:, :start], tokens[:, end:]], dim=1)
 
-    def pool(self, tokens: Tensor, how: Pooling = "mean") -> Tensor:
+    def pool(self, tokens: Tensor, how: Pooling = "mean", keep: Tensor | None = None) -> Tensor:
         """(batch, tokens, dim) -> (batch, dim).
 
-        "mean": average of the patch tokens (SSAMBA/SSAST `ft_avgtok`); "cls": the prefix
-        token, or the average of cls and dist for SSAST (its `ft_cls`).
+        "mean": average of the patch tokens (SSAMBA/SSAST `ft_avgtok`), or with `keep`
+        (batch, num_patches) bool, of the kept ones only (`clip_patches`: padding left
+        out); "cls": the prefix token, or the average of cls and dist for SSAST (its
+        `ft_cls`).
         """
         if how == "mean":
-            return self.patch_tokens(tokens).mean(dim=1)
+            patches = self.patch_tokens(tokens)
+            if keep is None:
+                return patches.mean(dim=1)
+            weight = keep.to(patches.dtype).unsqueeze(-1)  # (batch, num_patches, 1)
+            return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
         if how == "cls":
             start = self.prefix_start
             return tokens[:, start : start + self.cfg.prefix_tokens].mean(dim=1)
         raise ValueError(f"pool: expected 'mean' or 'cls', got {how!r}")
+
+    def clip_columns(self, frames: Tensor) -> Tensor:
+        """Time columns of the patch grid that hold a clip's own frames: (batch,) -> (batch,) long.
+
+        A column counts when its time span starts before `frames` (a partly padded column
+        included, so every clip keeps at least its first one); the rest is padding.
+        """
+        step = self.cfg.stride[1]
+        return ((frames + step - 1) // step).clamp(1, self.grid[1])
+
+    def clip_patches(self, frames: Tensor) -> Tensor:
+        """Patches in the clip's own columns: frames (batch,) long -> (batch, num_patches) bool.
+
+        Frequency-major token order, as everywhere: True where the column holds clip frames.
+        """
+        grid_f, grid_t = self.grid
+        columns = torch.arange(grid_t, device=frames.device)
+        in_clip = columns[None, :] < self.clip_columns(frames)[:, None]  # (batch, grid_t)
+        return in_clip[:, None, :].expand(-1, grid_f, -1).reshape(len(frames), -1)
 
     def unfold_patches(self, fbank: Tensor) -> Tensor:
         """Raw input patches in token order: (batch, frames, mel_bins) -> (batch, num_patches, patch_dim)."""

@@ -102,6 +102,7 @@ class ClassifyTask(LightningModule):
         input_frames: int | None = None,
         stride: int | list[int] | None = None,
         pooling: Literal["mean", "cls"] = "mean",
+        ignore_padding: bool = False,
         mode: Literal["finetune", "linear", "adapter"] = "finetune",
         adapter: AdapterConfig | None = None,
         multilabel: bool = False,
@@ -134,6 +135,9 @@ class ClassifyTask(LightningModule):
             stride: Patch stride (int or [freq, time]); 10 gives the originals' overlapping
                 fine-tuning patches. Conv weights are kept; the position embedding is resized.
             pooling: "mean" over patch tokens (the originals' ft_avgtok) or the "cls" token.
+            ignore_padding: "mean" averages only the patches that hold the clip's own
+                frames (the batch's `frames`), not the padding of clips shorter than the
+                window. False (the originals): every patch.
             mode: "finetune" trains everything; "linear" freezes the encoder (eval mode,
                 no gradients) and trains only the head; "adapter" freezes it too and
                 trains the adapters of `adapter` and the head.
@@ -277,15 +281,25 @@ class ClassifyTask(LightningModule):
             self.encoder.eval()
         return self
 
-    def embed(self, fbank: torch.Tensor) -> torch.Tensor:
-        """fbank: (batch, frames, mel_bins) -> pooled clip embedding (batch, dim)."""
+    def embed(self, fbank: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """fbank: (batch, frames, mel_bins) -> pooled clip embedding (batch, dim).
+
+        frames: (batch,) each clip's own frames, read with `ignore_padding` (None: every
+        patch is the clip's).
+        """
         with torch.set_grad_enabled(self.hparams.mode != "linear" and torch.is_grad_enabled()):
             tokens = self.encoder.forward_features(fbank)
-            return self.encoder.pool(tokens, self.hparams.pooling)
+            return self.encoder.pool(tokens, self.hparams.pooling, self.clip_patches(frames))
 
-    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        """fbank: (batch, frames, mel_bins) -> logits (batch, num_classes)."""
-        return self.mlp_head(self.embed(fbank))
+    def clip_patches(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        """(batch, num_patches) bool of the clips' own patches with `ignore_padding`, else None."""
+        if not self.hparams.ignore_padding or frames is None:
+            return None
+        return self.encoder.clip_patches(frames)
+
+    def forward(self, fbank: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """fbank: (batch, frames, mel_bins), frames (batch,) -> logits (batch, num_classes)."""
+        return self.mlp_head(self.embed(fbank, frames))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """CE against the target distribution (mixup-exact), or BCE per class."""
@@ -293,7 +307,10 @@ class ClassifyTask(LightningModule):
             return F.binary_cross_entropy_with_logits(logits, target)
         return F.cross_entropy(logits, target)
 
-    def _checked_batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked_batch(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(fbank, frames or None, float targets) of a batch, checked against the settings."""
         target = batch["target"]
         if target.shape[-1] != self.hparams.num_classes:
             raise ValueError(
@@ -307,13 +324,18 @@ class ClassifyTask(LightningModule):
                 f"clip {clip!r} has several labels but model.multilabel is false; "
                 "set model.multilabel: true (with loss bce, metric mAP)"
             )
-        return batch["fbank"], target.float()
+        if self.hparams.ignore_padding and "frames" not in batch:
+            raise ValueError(
+                "model.ignore_padding needs batches with 'frames' (each clip's own frame "
+                f"count), which ssamba's data modules give; this batch has {sorted(batch)}"
+            )
+        return batch["fbank"], batch.get("frames"), target.float()
 
     # ------------------------------------------------------------ steps
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        fbank, target = self._checked_batch(batch)
-        loss = self.loss(self(fbank), target)
+        fbank, frames, target = self._checked_batch(batch)
+        loss = self.loss(self(fbank, frames), target)
         self.log(
             "train/loss",
             loss,
@@ -327,8 +349,8 @@ class ClassifyTask(LightningModule):
         return loss
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
-        fbank, target = self._checked_batch(batch)
-        logits = self(fbank)
+        fbank, frames, target = self._checked_batch(batch)
+        logits = self(fbank, frames)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         update_metrics(metrics, logits, target)
         self.log(
@@ -457,7 +479,7 @@ class ClassifyTask(LightningModule):
             self.base_reference,
             labels=None if names is None else list(names),
             features=fbank.for_inference().to_dict() if isinstance(fbank, FbankConfig) else None,
-            extra={"pooling": self.hparams.pooling},
+            extra={"pooling": self.hparams.pooling, "ignore_padding": self.hparams.ignore_padding},
         )
 
 

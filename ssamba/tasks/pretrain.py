@@ -78,12 +78,18 @@ NO_DECAY_NAMES = {
 
 
 def info_nce(
-    preds: Tensor, targets: Tensor, axis: Literal["original", "paper"], temperature: float = 1.0
+    preds: Tensor,
+    targets: Tensor,
+    axis: Literal["original", "paper"],
+    temperature: float = 1.0,
+    counted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Within-clip InfoNCE between predictions and targets at the masked positions.
 
     preds, targets: (batch, masked, patch_dim); negatives are the clip's other masked
-    patches. Returns scalars (loss, accuracy, raw accuracy):
+    patches. `counted` (batch, masked) bool: only these take part (as positives and as
+    negatives; padding left out), losses and accuracies averaged over them. Returns
+    scalars (loss, accuracy, raw accuracy):
     - accuracy, the originals' masked accuracy: scores `targets @ preds.T` (rows targets,
       columns predictions), softmax over each row, then for each prediction (column) the
       target of highest probability must be its own;
@@ -91,11 +97,26 @@ def info_nce(
     """
     with torch.autocast(preds.device.type, enabled=False):
         scores = targets.float() @ preds.float().transpose(1, 2) / temperature  # (B, M, M) [t, p]
+        if counted is not None:  # a finite floor, so left-out rows stay finite (no NaN grads)
+            pair = counted[:, :, None] & counted[:, None, :]
+            scores = scores.masked_fill(~pair, -1e9)
         log_probs = F.log_softmax(scores, dim=-1 if axis == "original" else 1)
-        loss = -log_probs.diagonal(dim1=1, dim2=2).mean()
         own = torch.arange(scores.shape[1], device=scores.device)
-        accuracy = (scores.softmax(dim=-1).argmax(dim=1) == own).float().mean()
-        raw_accuracy = (scores.argmax(dim=1) == own).float().mean()
+        probs = scores.softmax(dim=-1)
+        if counted is not None:  # a left-out target row must not win a prediction's column
+            probs = probs * counted[:, :, None]
+        terms = torch.stack(
+            [
+                -log_probs.diagonal(dim1=1, dim2=2),
+                (probs.argmax(dim=1) == own).float(),
+                (scores.argmax(dim=1) == own).float(),
+            ]
+        )  # (3, B, M)
+        if counted is None:
+            loss, accuracy, raw_accuracy = terms.mean(dim=(1, 2))
+        else:
+            weight = counted.float()
+            loss, accuracy, raw_accuracy = (terms * weight).sum(dim=(1, 2)) / weight.sum()
     return loss, accuracy, raw_accuracy
 
 
@@ -120,7 +141,8 @@ class MSPMOutput:
 class PretrainTask(LightningModule):
     """SSAST/SSAMBA masked spectrogram patch modelling around any `AudioEncoder`.
 
-    Batches: `{"fbank": (batch, frames, mel_bins), "id": [...]}`.
+    Batches: `{"fbank": (batch, frames, mel_bins), "frames": (batch,) long, "id": [...]}`
+    (`frames`, each clip's own frame count, is read with `ignore_padding` only).
     Parameter names: `encoder.*` (exported at the end of fit), `cpredlayer.*` and
     `gpredlayer.*` as in the original checkpoints.
     """
@@ -140,6 +162,7 @@ class PretrainTask(LightningModule):
         nce_axis: Literal["original", "paper"] = "original",
         temperature: float = 1.0,
         single_pass: bool = False,
+        ignore_padding: bool = False,
         optimizer: Literal["adamw", "adam"] = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 5e-8,
@@ -168,6 +191,11 @@ class PretrainTask(LightningModule):
                 near the middle masked most, patch 0 never); "uniform" masks every
                 frequency row equally. Frame models always sample uniformly.
             cluster_sizes: block sizes drawn per clip (the originals: 3, 4, 5).
+            ignore_padding: keep the patches past a clip's own frames (the padding of clips
+                shorter than the window) out of the objective: MSPM masks each clip's
+                content at the recipe's ratio and leaves masked padding out of both losses;
+                the teacher-student objective leaves it out of its frame loss and its
+                utterance target. False (the originals): padding is input like any sound.
             optimizer: "adamw" (SSAMBA: decoupled decay 5e-8) or "adam" (SSAST: L2 decay
                 5e-7); norms, biases, tokens and SSM rates are never decayed.
             warmup: "linear", or "staircase" as the originals (lr exactly 0 for 50 steps).
@@ -221,12 +249,23 @@ class PretrainTask(LightningModule):
         return patches[mask].view(fbank.shape[0], -1, patches.shape[-1])
 
     def mspm(
-        self, fbank: Tensor, n_masked: int, generator: torch.Generator | Sequence[torch.Generator]
+        self,
+        fbank: Tensor,
+        n_masked: int,
+        generator: torch.Generator | Sequence[torch.Generator],
+        own: Tensor | None = None,
     ) -> MSPMOutput:
-        """Joint discriminative + generative loss on one batch; fbank: (B, T, F)."""
+        """Joint discriminative + generative loss on one batch; fbank: (B, T, F).
+
+        own: (B, Np) bool, the clips' own patches (`clip_patches`): the masks then give
+        each clip's content its share of `n_masked` and the losses leave padding out.
+        """
         hp = self.hparams
         batch = fbank.shape[0]
         targets = self.encoder.unfold_patches(fbank).detach()  # (B, Np, patch_dim)
+        grid_f, grid_t = self.encoder.grid
+        # the clip's own time columns: the leading ones (`AudioEncoder.clip_columns`)
+        columns = None if own is None else own.view(batch, grid_f, grid_t)[:, 0].sum(1)
 
         def draw() -> Tensor:
             return make_mask(
@@ -237,21 +276,31 @@ class PretrainTask(LightningModule):
                 generator,
                 fbank.device,
                 masking=hp.masking,
+                clip_columns=columns,
             )
 
-        def at(mask: Tensor) -> Tensor:
-            return targets[mask].view(batch, n_masked, -1)
+        def at(mask: Tensor, values: Tensor) -> Tensor:
+            return values[mask].view(batch, n_masked, *values.shape[2:])
 
         mask = draw()
         hidden = self.masked_hidden(fbank, mask)
         nce, accuracy, raw_accuracy = info_nce(
-            self.cpredlayer(hidden), at(mask), hp.nce_axis, hp.temperature
+            self.cpredlayer(hidden),
+            at(mask, targets),
+            hp.nce_axis,
+            hp.temperature,
+            None if own is None else at(mask, own),
         )
         if not hp.single_pass:
             mask = draw()
             hidden = self.masked_hidden(fbank, mask)
         reconstruction = self.gpredlayer(hidden)
-        mse = F.mse_loss(reconstruction.float(), at(mask).float())
+        errors = (reconstruction.float() - at(mask, targets).float()).square().mean(dim=-1)
+        if own is None:
+            mse = errors.mean()
+        else:
+            counted = at(mask, own).float()
+            mse = (errors * counted).sum() / counted.sum()
         loss = hp.nce_weight * nce + hp.mse_weight * mse
         return MSPMOutput(
             loss, nce, mse, accuracy, raw_accuracy, mask[0], reconstruction[0].detach()
@@ -274,8 +323,10 @@ class PretrainTask(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         fbank = batch["fbank"]
         if self.hparams.objective == "eat":
-            return self._eat_step(fbank, batch_idx)
-        out = self.mspm(fbank, self.hparams.n_masked, self._train_generator(batch_idx))
+            return self._eat_step(batch, batch_idx)
+        out = self.mspm(
+            fbank, self.hparams.n_masked, self._train_generator(batch_idx), self.clip_patches(batch)
+        )
         size = fbank.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/nce", out.nce, batch_size=size)
@@ -291,8 +342,23 @@ class PretrainTask(LightningModule):
             self._log_picture(fbank[0].detach(), out)
         return out.loss
 
-    def _eat_step(self, fbank: Tensor, batch_idx: int) -> Tensor:
-        out = self.eat(self.encoder, fbank, self._train_generator(batch_idx))
+    def clip_patches(self, batch: dict[str, Any]) -> Tensor | None:
+        """(B, Np) bool of the clips' own patches with `ignore_padding`, else None."""
+        if not self.hparams.ignore_padding:
+            return None
+        if "frames" not in batch:
+            raise ValueError(
+                "model.ignore_padding needs batches with 'frames' (each clip's own frame "
+                "count), which ssamba's data modules give; this batch has "
+                f"{sorted(batch)}"
+            )
+        return self.encoder.clip_patches(batch["frames"])
+
+    def _eat_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        fbank = batch["fbank"]
+        out = self.eat(
+            self.encoder, fbank, self._train_generator(batch_idx), self.clip_patches(batch)
+        )
         size = fbank.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/frame", out.frame, batch_size=size)
@@ -317,14 +383,21 @@ class PretrainTask(LightningModule):
         fbank = batch["fbank"]
         clips = fbank.shape[0]
         if self.hparams.objective == "eat":
-            out = self.eat(self.encoder, fbank, self._val_generators(batch["id"]))
+            out = self.eat(
+                self.encoder, fbank, self._val_generators(batch["id"]), self.clip_patches(batch)
+            )
             values = [out.loss, out.frame, out.utterance]
             self._val_sums += torch.stack(
                 [v.detach() * clips for v in values] + [out.loss.new_tensor(clips)]
             )
             return
         # The same masks at every evaluation, so accuracies are comparable across steps.
-        out = self.mspm(fbank, self.hparams.n_masked_val, self._val_generators(batch["id"]))
+        out = self.mspm(
+            fbank,
+            self.hparams.n_masked_val,
+            self._val_generators(batch["id"]),
+            self.clip_patches(batch),
+        )
         self._val_sums += torch.stack(
             [
                 out.loss.detach() * clips,

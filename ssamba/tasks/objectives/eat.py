@@ -177,12 +177,18 @@ class EATObjective(nn.Module):
         return self
 
     @torch.no_grad()
-    def targets(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher targets of the whole clips: frames (B, Np, D), utterance (B, D)."""
+    def targets(self, fbank: Tensor, own: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher targets of the whole clips: frames (B, Np, D), utterance (B, D).
+
+        own: (B, Np) bool, the clip's own patches: the utterance target averages only them.
+        """
         layers = self.teacher.forward_features(fbank, return_layers=True)
         patches = [self.teacher.patch_tokens(x) for x in layers]
         frames = layer_average(patches, self.cfg.top_k)
-        return frames, frames.mean(1)
+        if own is None:
+            return frames, frames.mean(1)
+        weight = own.to(frames.dtype).unsqueeze(-1)
+        return frames, (frames * weight).sum(1) / weight.sum(1).clamp(min=1)
 
     @torch.no_grad()
     def update_teacher(self, student: AudioEncoder, step: int) -> float:
@@ -201,11 +207,16 @@ class EATObjective(nn.Module):
         student: AudioEncoder,
         fbank: Tensor,
         generator: torch.Generator | Sequence[torch.Generator],
+        own: Tensor | None = None,
     ) -> EATOutput:
-        """The loss on one batch; fbank: (B, T, F)."""
+        """The loss on one batch; fbank: (B, T, F).
+
+        own: (B, Np) bool, the clip's own patches (`AudioEncoder.clip_patches`): padding is
+        then left out of the frame loss and the utterance target.
+        """
         cfg = self.cfg
         batch, clones = fbank.shape[0], cfg.clones
-        frames, utterance = self.targets(fbank)
+        frames, utterance = self.targets(fbank, own)
         mask = inverse_block_mask(
             batch, clones, student.grid, cfg.mask_ratio, cfg.block, generator, fbank.device
         )
@@ -213,7 +224,8 @@ class EATObjective(nn.Module):
         tokens = student.forward_features(copies, mask=mask)
         predictions = self.decoder(student.patch_tokens(tokens))
         targets = frames.repeat_interleave(clones, dim=0)
-        frame_loss = F.mse_loss(predictions[mask].float(), targets[mask])
+        counted = mask if own is None else mask & own.repeat_interleave(clones, dim=0)
+        frame_loss = F.mse_loss(predictions[counted].float(), targets[counted])
         cls = student.pool(tokens, "cls")
         utterance_loss = F.mse_loss(cls.float(), utterance.repeat_interleave(clones, dim=0))
         loss = frame_loss + cfg.utterance_weight * utterance_loss
