@@ -43,6 +43,15 @@ Pooling = Literal["mean", "cls"]
 SIZES = {"tiny": 192, "small": 384, "base": 768}
 
 
+def mean_of_patches(patches: Tensor, keep: Tensor | None = None) -> Tensor:
+    """(batch, num_patches, dim) -> (batch, dim): the mean over every patch, or over those
+    `keep` (batch, num_patches) bool marks (e.g. `AudioEncoder.clip_patches`)."""
+    if keep is None:
+        return patches.mean(dim=1)
+    weight = keep.to(patches.dtype).unsqueeze(-1)  # (batch, num_patches, 1)
+    return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder; a recipe's `model.encoder`, saved in encoder files.
@@ -360,11 +369,7 @@ class AudioEncoder(nn.Module):
         `ft_cls`).
         """
         if how == "mean":
-            patches = self.patch_tokens(tokens)
-            if keep is None:
-                return patches.mean(dim=1)
-            weight = keep.to(patches.dtype).unsqueeze(-1)  # (batch, num_patches, 1)
-            return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+            return mean_of_patches(self.patch_tokens(tokens), keep)
         if how == "cls":
             start = self.prefix_start
             return tokens[:, start : start + self.cfg.prefix_tokens].mean(dim=1)

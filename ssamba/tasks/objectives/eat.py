@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssamba.models.encoder import AudioEncoder
+from ssamba.models.encoder import AudioEncoder, mean_of_patches
 from ssamba.tasks.masking import make_mask
 
 __all__ = ["EATConfig", "EATObjective", "EATOutput", "ema_decay_at", "inverse_block_mask"]
@@ -185,10 +185,7 @@ class EATObjective(nn.Module):
         layers = self.teacher.forward_features(fbank, return_layers=True)
         patches = [self.teacher.patch_tokens(x) for x in layers]
         frames = layer_average(patches, self.cfg.top_k)
-        if own is None:
-            return frames, frames.mean(1)
-        weight = own.to(frames.dtype).unsqueeze(-1)
-        return frames, (frames * weight).sum(1) / weight.sum(1).clamp(min=1)
+        return frames, mean_of_patches(frames, own)
 
     @torch.no_grad()
     def update_teacher(self, student: AudioEncoder, step: int) -> float:
