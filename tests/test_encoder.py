@@ -169,6 +169,31 @@ def test_clip_patches_are_the_columns_holding_frames_and_mean_pooling_can_keep_o
     torch.testing.assert_close(pooled[0], encoder.pool(tokens, "mean")[0])
 
 
+def test_statistics_pooling_is_mean_and_deviation_and_ignores_what_padding_holds():
+    encoder = small("ssamba", input_frames=64)  # 8 x 4 grid, width 32
+    tokens = torch.randn(3, 1 + 32, 32)
+    patches = encoder.patch_tokens(tokens)
+    pooled = encoder.pool(tokens, "stats")
+    assert pooled.shape == (3, 64) == (3, encoder.pooled_dim("stats"))
+    torch.testing.assert_close(pooled[:, :32], patches.mean(dim=1))
+    torch.testing.assert_close(pooled[:, 32:], patches.std(dim=1, unbiased=False))
+    # with the clip's own patches kept, whatever the padding columns hold changes nothing
+    own = encoder.clip_patches(torch.tensor([64, 40, 16]))
+    kept = encoder.pool(tokens, "stats", own)
+    noisy = tokens.clone()
+    noisy[:, 1:][~own] = 100 * torch.randn(int((~own).sum()), 32)
+    torch.testing.assert_close(encoder.pool(noisy, "stats", own), kept)
+    assert not torch.allclose(encoder.pool(noisy, "stats"), pooled)
+    mine = patches[1].view(8, 4, 32)[:, :3].reshape(-1, 32)
+    torch.testing.assert_close(kept[1], torch.cat([mine.mean(0), mine.std(0, unbiased=False)]))
+    # one patch: zero spread, finite gradient
+    one = torch.randn(1, 1 + 32, 32, requires_grad=True)
+    single = torch.zeros(1, 32, dtype=torch.bool)
+    single[0, 0] = True
+    encoder.pool(one, "stats", single).sum().backward()
+    assert torch.isfinite(one.grad).all()
+
+
 def test_resize_to_shorter_input_crops_position_grid_around_the_centre():
     encoder = small("ssamba", input_frames=1024)
     old = encoder.pos_embed.detach().clone()

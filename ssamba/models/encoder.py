@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 Family = Literal["ssamba", "ssast", "aum"]
 FAMILIES = ("ssamba", "ssast", "aum")
-Pooling = Literal["mean", "cls"]
+Pooling = Literal["mean", "cls", "stats"]
 # The published sizes: Vim/SSAMBA/AuM use DeiT's widths.
 SIZES = {"tiny": 192, "small": 384, "base": 768}
 
@@ -50,6 +50,17 @@ def mean_of_patches(patches: Tensor, keep: Tensor | None = None) -> Tensor:
         return patches.mean(dim=1)
     weight = keep.to(patches.dtype).unsqueeze(-1)  # (batch, num_patches, 1)
     return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+
+def stats_of_patches(patches: Tensor, keep: Tensor | None = None) -> Tensor:
+    """(batch, num_patches, dim) -> (batch, 2 * dim): mean and standard deviation over the
+    patches (or those `keep` marks) side by side: statistics pooling, as x-vectors pool
+    frames. The deviation keeps what a mean averages away (how much a feature varies
+    over the clip), which a filterbank's per-bin statistics show matters for short clips."""
+    mean = mean_of_patches(patches, keep)
+    spread = mean_of_patches((patches - mean.unsqueeze(1)).square(), keep)
+    # the floor keeps sqrt's gradient finite for a clip of one patch (zero spread)
+    return torch.cat([mean, spread.clamp(min=1e-8).sqrt()], dim=-1)
 
 
 @dataclass
@@ -361,19 +372,26 @@ class AudioEncoder(nn.Module):
         return torch.cat([tokens[:, :start], tokens[:, end:]], dim=1)
 
     def pool(self, tokens: Tensor, how: Pooling = "mean", keep: Tensor | None = None) -> Tensor:
-        """(batch, tokens, dim) -> (batch, dim).
+        """(batch, tokens, dim) -> (batch, pooled_dim(how)).
 
         "mean": average of the patch tokens (SSAMBA/SSAST `ft_avgtok`), or with `keep`
         (batch, num_patches) bool, of the kept ones only (`clip_patches`: padding left
-        out); "cls": the prefix token, or the average of cls and dist for SSAST (its
-        `ft_cls`).
+        out); "stats": their mean and standard deviation side by side (2 * dim), with
+        `keep` likewise; "cls": the prefix token, or the average of cls and dist for SSAST
+        (its `ft_cls`).
         """
         if how == "mean":
             return mean_of_patches(self.patch_tokens(tokens), keep)
+        if how == "stats":
+            return stats_of_patches(self.patch_tokens(tokens), keep)
         if how == "cls":
             start = self.prefix_start
             return tokens[:, start : start + self.cfg.prefix_tokens].mean(dim=1)
-        raise ValueError(f"pool: expected 'mean' or 'cls', got {how!r}")
+        raise ValueError(f"pool: expected 'mean', 'stats' or 'cls', got {how!r}")
+
+    def pooled_dim(self, how: Pooling = "mean") -> int:
+        """Width of `pool(tokens, how)`: the embedding width, twice it for "stats"."""
+        return 2 * self.embed_dim if how == "stats" else self.embed_dim
 
     def clip_columns(self, frames: Tensor) -> Tensor:
         """Time columns of the patch grid that hold a clip's own frames: (batch,) -> (batch,) long.
