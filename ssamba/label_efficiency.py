@@ -2,36 +2,50 @@
 
     ssamba label-efficiency --shards work/shards/fsdd --out work/le/official
     ssamba label-efficiency --shards work/shards/fsdd --loso speaker --out work/le/loso
+    ssamba label-efficiency --shards work/shards/fsdd --loso speaker --dev-groups nicolas
     ssamba label-efficiency --shards work/shards/fsdd --encoder runs/.../encoder.pt ...
     ssamba label-efficiency --shards work/shards/fsdd --pretrain-shards work/shards/a \\
         work/shards/b --pretrain-recipe recipes/pretrain/fsdd_eat_cpu.yaml
 
-1. Pretrain an encoder on unlabelled audio with `ssamba pretrain` (`--pretrain-recipe`,
-   the CPU recipe by default; `--pretrain-shards`, by default the labelled folder's
-   training split with its labels unused), unless `--encoder` names one.
-2. For every fold (the folder's test split, or with `--loso FIELD` one fold per value of
-   that json field, e.g. per speaker), every seed and every label budget
-   (`--labels-per-class 1,5,20,all`), draw the training clips with `LabelledDataModule`
-   (`labels_per_class`, `budget_seed` = the seed): the pretrained and the random-init
-   encoder are trained on exactly the same clips, and smaller budgets are subsets of
-   larger ones.
-3. Train, for both inits (the pretrained file, and the same architecture from random
-   weights drawn from the seed):
-   - a linear probe: a logistic regression (L2, L-BFGS, to convergence) on the frozen
-     encoder's pooled clip embeddings (every block's pooled output side by side, or
-     `--probe-read last`: the final output only), computed once per encoder;
-   - a fine-tune: `ClassifyTask` (the `ssamba finetune` model and optimiser) for
-     `max(--finetune-min-steps, --finetune-epochs x batches)` steps on a cosine schedule,
-     then tested with its last weights. No validation set picks the epoch: at 1 label
-     per class a validation set would hold more labels than the training set.
-4. Write `--out/results.json` (one record per run), `results.md` (mean +/- std over
-   seeds and folds, pretrained minus random) and `results.png` (accuracy vs labels per
-   class, both inits, both modes).
+1. The protocol (docs/evaluation-protocol.md) fixes, before anything trains, each fold's
+   test clips, the labelled clips its probes may train on, and the clips pretraining may
+   read; no test clip is ever pretrained on:
+   - official split (default): test = the folder's `split: test` clips; labels and
+     pretraining audio = every other clip;
+   - `--loso FIELD` (e.g. speaker): held-out groups (`--heldout`, by default the last
+     third of FIELD's values in sorted order; FSDD: theo, yweweler) that no pretraining
+     hears; one fold per held-out group, tested on it, its probes trained on the labelled
+     clips of the other, non-held-out groups, which are also the pretraining audio;
+   - `--loso FIELD --dev-groups G`: the development protocol on the non-held-out groups
+     only (test on G, labels and pretraining from the rest); levers are chosen here, and
+     the held-out groups are not read.
+2. Pretrain an encoder with `ssamba pretrain` (`--pretrain-recipe`, the CPU recipe by
+   default) on the protocol's pretraining clips, by clip id; its validation clips (masked
+   accuracy) are a fixed tenth of them, never a test clip. `--pretrain-shards` pretrains
+   on other folders instead, refused when any test clip's audio is in them. `--encoder`
+   names an encoder file and skips pretraining (its pretraining data is then unknown).
+3. For every fold, seed and label budget (`--labels-per-class 1,5,20,all`), draw the
+   training clips (`draw_per_class`: k per class, seeded, smaller budgets nested): every
+   init is trained on exactly the same clips.
+4. Train and test, on the same clips:
+   - the pretrained encoder file and the same architecture from random weights drawn from
+     the seed: a linear probe (a logistic regression on the frozen encoder's pooled
+     embeddings: every block's pooled output side by side, or `--probe-read last`) and a
+     fine-tune (`ClassifyTask`, the `ssamba finetune` model and optimiser, a fixed number
+     of steps on a cosine schedule, tested with its last weights: at 1 label per class a
+     validation set would hold more labels than the training set);
+   - `fbank-stats`: the hand-crafted baseline, the same probe on each clip's per-mel-bin
+     mean and standard deviation of the same filterbank window over its own frames.
+5. Write `--out/run-N/` (a new folder per run): `results.json` (protocol, folds with their
+   test and pretraining clip ids, one record per run with its training clip ids),
+   `results.md` (mean +/- std over seeds and folds, pretrained minus random) and
+   `results.png` (accuracy vs labels per class).
 
 Filterbanks are computed once per clip (evaluation crop, no augmentation) with the
-encoder file's own feature settings, so both inits see exactly what pretraining saw.
+encoder file's own feature settings, so every init sees exactly what pretraining saw.
 Every input problem (no test split, a class with fewer clips than a budget, an unlabelled
-folder, a missing encoder) stops the command with one line before any training.
+folder, a missing encoder, test audio in `--pretrain-shards`) stops the command with one
+line and exit code 2 before any training.
 """
 
 from __future__ import annotations
@@ -51,11 +65,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssamba.data.labelled import draw_per_class, hash_share
+from ssamba.data.shards import clip_id
+
 REPO = Path(__file__).resolve().parents[1]
 PROG = "ssamba label-efficiency"
 CPU_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
-INITS = ("pretrained", "random")
+INITS = ("pretrained", "random", "fbank-stats")
+LEARNED = ("pretrained", "random")  # the inits with an encoder (fbank-stats has none)
 MODES = ("linear", "finetune")
+PRETRAIN_VAL_SHARE = 0.1  # of the pretraining clips, for pretraining's masked accuracy
 
 
 class InputError(ValueError):
@@ -64,10 +83,40 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Fold:
-    """One train/test partition: its name and the json predicate of its test clips."""
+    """One train/test partition: its test clips and the labelled clips it may train on."""
 
     name: str
-    test_filter: dict[str, Any]
+    test_ids: tuple[str, ...]
+    train_ids: tuple[str, ...]  # the labelled pool its budgets are drawn from
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every fold tests and trains on, and what pretraining may read."""
+
+    description: str  # said in the table, e.g. "held-out speakers theo, yweweler"
+    folds: list[Fold]
+    pretraining_ids: tuple[str, ...]  # every clip a pretraining here may read
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The labelled folder's clips: ids, single labels and json, in catalogue order."""
+
+    ids: list[str]
+    labels: list[list[str]]
+    meta: list[dict[str, Any]]
+
+    def where(self, keep: Any) -> tuple[str, ...]:
+        """Ids of the clips whose json `keep(meta)` accepts."""
+        return tuple(i for i, m in zip(self.ids, self.meta, strict=True) if keep(m))
+
+    def draw(self, pool: Sequence[str], budget: int | None, seed: int) -> list[str]:
+        """`budget` clips per class of `pool` (every one for None), drawn from `seed`."""
+        if budget is None:
+            return list(pool)
+        label = dict(zip(self.ids, self.labels, strict=True))
+        return draw_per_class(pool, [label[i] for i in pool], budget, seed)
 
 
 @dataclass(frozen=True)
@@ -80,7 +129,7 @@ class FinetuneSettings:
     min_steps: int = 60
     warmup_steps: int = 20
     pooling: str = "mean"
-    ignore_padding: bool = False  # mean pooling over the clip's own patches only
+    ignore_padding: bool = False  # pooling over the clip's own patches only
     probe_read: str = "layers"
     probe_l2: float = 1e-3  # the linear probe's L2 weight (standardised features)
     budgets: tuple[int | None, ...] | None = None  # fine-tuned budgets (None: every one)
@@ -100,7 +149,7 @@ class Run:
     fold: str
     accuracy: float
     train_clips: int
-    train_ids_sha: str  # sha256 of the sorted training clip ids: equal across inits
+    train_ids: list[str]  # the clips this model was trained on, as passed to its training
     seconds: float
 
 
@@ -110,14 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", type=Path, required=True, help="labelled shard folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/label_efficiency"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/label_efficiency"), help="writes OUT/run-N/"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--encoder", type=Path, help="an encoder file: skip pretraining")
     source.add_argument(
         "--pretrain-shards",
         type=Path,
         nargs="+",
-        help="unlabelled shard folders to pretrain on (default: --shards' train split)",
+        help="unlabelled shard folders to pretrain on (default: the protocol's pretraining "
+        "clips of --shards); refused when they hold a test clip's audio",
     )
     parser.add_argument("--pretrain-recipe", type=Path, default=CPU_RECIPE)
     parser.add_argument(
@@ -133,14 +185,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument(
-        "--loso", metavar="FIELD", help="leave one group out: one fold per value of FIELD"
+        "--loso",
+        metavar="FIELD",
+        help="leave groups out: held-out values of this json field (e.g. speaker) are "
+        "never pretrained or trained on; one fold per held-out value",
     )
-    parser.add_argument("--folds", help="with --loso: only these groups (comma list)")
+    parser.add_argument(
+        "--heldout",
+        metavar="G1,G2",
+        help="with --loso: the held-out groups (default: the last third of the sorted values)",
+    )
+    parser.add_argument(
+        "--dev-groups",
+        metavar="G1,G2",
+        help="with --loso: the development protocol: test on these non-held-out groups, "
+        "train and pretrain on the other non-held-out ones; held-out groups are not read",
+    )
+    parser.add_argument("--folds", help="only these folds (comma list of group names)")
     parser.add_argument("--modes", default="linear,finetune", help="linear, finetune or both")
     parser.add_argument("--finetune-epochs", type=int, default=FinetuneSettings.epochs)
     parser.add_argument("--finetune-min-steps", type=int, default=FinetuneSettings.min_steps)
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSettings.lr)
-    parser.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    parser.add_argument(
+        "--pooling",
+        choices=("mean", "stats", "cls"),
+        default="mean",
+        help="how probes and fine-tunes pool the patch tokens: their mean, their mean and "
+        "standard deviation ('stats'), or the cls token",
+    )
     parser.add_argument(
         "--ignore-padding",
         action="store_true",
@@ -188,6 +260,10 @@ def parse_ints(text: str, option: str) -> list[int]:
     return values
 
 
+def parse_names(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -204,11 +280,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
         if not args.probe_l2 >= 0:  # also refuses nan
             raise InputError(f"--probe-l2: {args.probe_l2} is not a weight >= 0")
-        folds = plan_folds(args.shards, args.loso, args.folds)
-        check_budgets(args.shards, folds, budgets, seeds)
+        clips = read_catalogue(args.shards)
+        protocol = plan_protocol(clips, args)
+        check_budgets(clips, protocol.folds, budgets)
         if args.encoder:
             check_encoder(args.encoder)
-        encoder = args.encoder or pretrain(args)
+        elif args.pretrain_shards:
+            check_no_test_audio(args.shards, protocol.folds, args.pretrain_shards)
+        if not Path(args.pretrain_recipe).is_file() and not args.encoder:
+            raise InputError(f"--pretrain-recipe {args.pretrain_recipe}: no such file")
+        from ssamba.tasks.finetune_cli import new_run_folder
+
+        out = new_run_folder(args.out)
+        if args.encoder:
+            encoder, pretrained_on = args.encoder, None
+        else:
+            encoder, pretrained_on = pretrain(args, protocol, out)
         settings = FinetuneSettings(
             lr=args.finetune_lr,
             epochs=args.finetune_epochs,
@@ -219,84 +306,114 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_l2=args.probe_l2,
             budgets=tuple(tuned),
         )
-        runs = evaluate(args.shards, encoder, folds, budgets, seeds, modes, settings)
+        runs = evaluate(
+            args.shards, clips, encoder, protocol.folds, budgets, seeds, modes, settings
+        )
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     minutes = (time.monotonic() - started) / 60
-    split = f"leave-one-{args.loso}-out" if args.loso else "official split"
-    write_outputs(runs, args.out, encoder, split, minutes, vars(args))
+    folds = [
+        {"name": f.name, "test_ids": list(f.test_ids), "pretraining_ids": pretrained_on}
+        for f in protocol.folds
+    ]
+    write_outputs(runs, out, encoder, protocol.description, folds, minutes, vars(args))
     return 0
 
 
-# ---------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------- protocol
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def labelled_data(shards: Path, **kwargs: Any) -> Any:
-    """A `LabelledDataModule` over `shards` (no workers, no validation), split now."""
-    from ssamba.data.labelled import LabelledDataModule
+def read_catalogue(shards: Path) -> Catalogue:
+    """The labelled folder's clips with their labels checked against labels.csv."""
+    from ssamba.data.labelled import check_labels
+    from ssamba.data.shard_format import LABELS_NAME, read_labels
+    from ssamba.data.shards import SkipCounter, catalogue, list_shards
 
-    kwargs.setdefault("val_fraction", 0.0)
-    try:
-        data = LabelledDataModule(str(shards), num_workers=0, **kwargs)
-        data.split_clips()
-    except (ValueError, FileNotFoundError) as error:
-        raise InputError(_one_line(error)) from error
-    return data
-
-
-def plan_folds(shards: Path, loso: str | None, only: str | None) -> list[Fold]:
-    """The official test split, or one fold per value of `loso`; checked against the data."""
-    if not (shards / "labels.csv").is_file():
+    labels_csv = shards / LABELS_NAME
+    if not labels_csv.is_file():
         kind = "an unlabelled shard folder" if shards.is_dir() else "not a folder"
         raise InputError(
             f"--shards {shards}: {kind} (no labels.csv); label-efficiency needs labelled "
             "clips (unlabelled audio goes to --pretrain-shards)"
         )
-    if loso is None:
-        if only:
-            raise InputError("--folds: only with --loso (the official split has one fold)")
-        try:
-            labelled_data(shards, test_filter={"split": "test"})
-        except InputError as error:
+    try:
+        clips = catalogue(list_shards(shards), SkipCounter(0))
+        class_index = {c: i for i, (c, _) in enumerate(read_labels(labels_csv))}
+        check_labels(clips, class_index, False, labels_csv)
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(_one_line(error)) from error
+    return Catalogue(
+        [clip_id(c) for c in clips], [c.meta["labels"] for c in clips], [c.meta for c in clips]
+    )
+
+
+def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
+    """The folds, and the clips pretraining may read, of the options' protocol."""
+    if args.loso is None:
+        if args.folds or args.heldout or args.dev_groups:
             raise InputError(
-                f"--shards {shards}: no test split ({error}); use --loso FIELD instead"
-            ) from error
-        return [Fold("official", {"split": "test"})]
-    from ssamba.data.shards import SkipCounter, catalogue, list_shards
-
-    clips = catalogue(list_shards(shards), SkipCounter(0))
-    groups = sorted({str(c.meta[loso]) for c in clips if loso in c.meta})
-    if len(groups) < 2:
+                "--folds, --heldout and --dev-groups need --loso (the official split has one fold)"
+            )
+        test = clips.where(lambda m: str(m.get("split")) == "test")
+        if not test:
+            splits = sorted({str(m.get("split")) for m in clips.meta})
+            raise InputError(
+                f"--shards {args.shards}: no test split (no clip has split 'test'; splits "
+                f"present: {splits}); use --loso FIELD instead"
+            )
+        train = clips.where(lambda m: str(m.get("split")) != "test")
+        return Protocol("official split", [Fold("official", test, train)], train)
+    field = args.loso
+    groups = sorted({str(m[field]) for m in clips.meta if field in m})
+    if len(groups) < 3:
         raise InputError(
-            f"--loso {loso}: {shards} has {len(groups)} value(s) of {loso!r} in its clips' "
-            "json; leave-one-group-out needs at least 2"
+            f"--loso {field}: {args.shards} has {len(groups)} value(s) of {field!r} in its "
+            "clips' json; held-out groups need at least 3 (some to hold out, some to learn from)"
         )
-    if only:
-        wanted = [g.strip() for g in only.split(",") if g.strip()]
-        unknown = [g for g in wanted if g not in groups]
+    heldout = parse_names(args.heldout) or groups[-max(1, len(groups) // 3) :]
+    dev = parse_names(args.dev_groups)
+    for option, names in (("--heldout", heldout), ("--dev-groups", dev)):
+        unknown = [g for g in names if g not in groups]
         if unknown:
-            raise InputError(f"--folds: {unknown} are not values of {loso!r}: {groups}")
-        groups = wanted
-    return [Fold(group, {loso: group}) for group in groups]
+            raise InputError(f"{option}: {unknown} are not values of {field!r}: {groups}")
+    if set(dev) & set(heldout):
+        raise InputError(
+            f"--dev-groups: {sorted(set(dev) & set(heldout))} are held out; development "
+            f"groups come from the others: {[g for g in groups if g not in heldout]}"
+        )
+    tested = dev or heldout
+    learn = [g for g in groups if g not in heldout and g not in dev]
+    if not learn:
+        raise InputError(f"--heldout/--dev-groups: no {field} is left to train on: {groups}")
+    only = parse_names(args.folds)
+    unknown = [g for g in only if g not in tested]
+    if unknown:
+        raise InputError(f"--folds: {unknown} are not among the tested groups {tested}")
+    pool = clips.where(lambda m: str(m.get(field)) in learn)
+    folds = [
+        Fold(g, clips.where(lambda m, g=g: str(m.get(field)) == g), pool) for g in (only or tested)
+    ]
+    kind = "development" if dev else "held-out"
+    description = (
+        f"{kind} {field}s {', '.join(tested)} (never pretrained on; probes trained on "
+        f"{', '.join(learn)})"
+    )
+    return Protocol(description, folds, pool)
 
 
-def check_budgets(
-    shards: Path, folds: list[Fold], budgets: list[int | None], seeds: list[int]
-) -> None:
+def check_budgets(clips: Catalogue, folds: list[Fold], budgets: list[int | None]) -> None:
     """Every fold must hold the largest budget of every class (fails before training)."""
     largest = max((k for k in budgets if k is not None), default=None)
     if largest is None:
         return
     for fold in folds:
         try:
-            labelled_data(
-                shards, test_filter=fold.test_filter, labels_per_class=largest, budget_seed=0
-            )
-        except InputError as error:
-            raise InputError(f"fold {fold.name}: {error}") from error
+            clips.draw(fold.train_ids, largest, 0)
+        except ValueError as error:
+            raise InputError(f"fold {fold.name}: {_one_line(error)}") from error
 
 
 def check_encoder(path: Path) -> None:
@@ -309,45 +426,95 @@ def check_encoder(path: Path) -> None:
         raise InputError(f"--encoder: {err}") from None
 
 
+def audio_hashes(folder: Path, ids: set[str] | None = None) -> dict[str, str]:
+    """sha256 of each clip's decoded samples -> its id (only `ids` when given): the same
+    audio under another id or in another container hashes alike."""
+    from ssamba.data.shards import decode_clip, iter_shard, list_shards
+
+    hashes = {}
+    for shard in list_shards(folder):
+        for raw in iter_shard(shard.path):
+            name = str((raw.meta or {}).get("id", raw.key))
+            if ids is not None and name not in ids:
+                continue
+            try:
+                wave, _ = decode_clip(raw)
+            except Exception:  # corrupt clips are skipped by every reader, here too
+                continue
+            hashes[hashlib.sha256(wave.numpy().tobytes()).hexdigest()] = name
+    return hashes
+
+
+def check_no_test_audio(shards: Path, folds: list[Fold], pretrain_shards: list[Path]) -> None:
+    """Refuse pretraining folders that hold the audio of any fold's test clip."""
+    test_ids = {i for fold in folds for i in fold.test_ids}
+    tests = audio_hashes(shards, test_ids)
+    for folder in pretrain_shards:
+        if not folder.is_dir():
+            raise InputError(f"--pretrain-shards {folder}: no such folder")
+        found = {h: name for h, name in audio_hashes(folder).items() if h in tests}
+        if found:
+            digest, name = next(iter(found.items()))
+            raise InputError(
+                f"--pretrain-shards {folder}: {len(found)} of its clips are test clips of "
+                f"{shards} (same audio), e.g. {name!r} is test clip {tests[digest]!r}; "
+                "pretraining on test audio would overstate what it learns"
+            )
+
+
 # ---------------------------------------------------------------------------- pretraining
-def pretrain(args: argparse.Namespace) -> Path:
-    """Run `ssamba pretrain` with the recipe; returns the exported encoder file."""
+def pretrain_sources(
+    args: argparse.Namespace, protocol: Protocol
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
+    """(sources, validation source, every clip id they hold) for `ssamba pretrain`: the
+    protocol's pretraining clips of --shards, or --pretrain-shards; validation is a fixed
+    share of them by clip-id hash, so no test clip is read."""
+    from ssamba.data.shards import SkipCounter, catalogue, list_shards
+
+    if args.pretrain_shards:
+        folders = [f.resolve() for f in args.pretrain_shards]
+        held = [[clip_id(c) for c in catalogue(list_shards(f), SkipCounter(0))] for f in folders]
+    else:
+        folders, held = [args.shards.resolve()], [list(protocol.pretraining_ids)]
+    val = [i for i in held[0] if hash_share(i) < PRETRAIN_VAL_SHARE]
+    first = [i for i in held[0] if hash_share(i) >= PRETRAIN_VAL_SHARE]
+    sources = [{"shards": str(folders[0]), "ids": first}]
+    sources += [{"shards": str(f)} for f in folders[1:]]  # every clip of the others
+    return sources, {"shards": str(folders[0]), "ids": val}, [i for ids in held for i in ids]
+
+
+def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[Path, list[str]]:
+    """Run `ssamba pretrain` with the recipe on the protocol's clips; returns the exported
+    encoder file and the ids of every clip pretraining read."""
     import shlex
 
     from ssamba.data.shard_format import fbank_stats
     from ssamba.tasks.pretrain_cli import main as pretrain_main
 
-    out = (args.out / "pretrain").resolve()
-    if args.pretrain_shards:
-        for folder in args.pretrain_shards:
-            if not folder.is_dir():
-                raise InputError(f"--pretrain-shards {folder}: no such folder")
-        sources = ", ".join(f"{{shards: {p.resolve()}}}" for p in args.pretrain_shards)
-    else:
-        sources = f"{{shards: {args.shards.resolve()}, splits: [train]}}"
-    if not Path(args.pretrain_recipe).is_file():
-        raise InputError(f"--pretrain-recipe {args.pretrain_recipe}: no such file")
+    folder = (out / "pretrain").resolve()
+    sources, val, ids = pretrain_sources(args, protocol)
     # The labelled folder's normalisation: pretraining and the probes see the same inputs.
-    mean, std = fbank_stats(str(args.shards))
+    mean, std = fbank_stats(args.shards)
     argv = [
         "--config",
         str(args.pretrain_recipe),
-        f"--data.sources=[{sources}]",
-        f"--data.val={{shards: {args.shards.resolve()}, splits: [test]}}",
+        f"--data.sources={json.dumps(sources)}",
+        f"--data.val={json.dumps(val)}",
         f"--data.stats=[{mean}, {std}]",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.default_root_dir={folder}",
+        f"--trainer.logger.init_args.save_dir={folder}",
         *shlex.split(args.pretrain_args),
     ]
-    print(f"== pretrain: ssamba pretrain {shlex.join(argv)}", flush=True)
-    before = set(out.rglob("encoder.pt")) if out.is_dir() else set()
+    shown = [a if len(a) < 200 else a[:120] + " ...]" for a in argv]
+    print(f"== pretrain on {len(ids)} clips: ssamba pretrain {shlex.join(shown)}", flush=True)
+    before = set(folder.rglob("encoder.pt")) if folder.is_dir() else set()
     code = pretrain_main(argv)
     if code != 0:
         raise InputError(f"pretraining failed (ssamba pretrain exit {code}); see above")
-    found = sorted(set(out.rglob("encoder.pt")) - before, key=lambda p: p.stat().st_mtime)
+    found = sorted(set(folder.rglob("encoder.pt")) - before, key=lambda p: p.stat().st_mtime)
     if not found:
-        raise InputError(f"pretraining wrote no encoder.pt under {out}")
-    return found[-1]
+        raise InputError(f"pretraining wrote no encoder.pt under {folder}")
+    return found[-1], ids
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -395,14 +562,15 @@ def clip_features(shards: Path, fbank_cfg: Any) -> Features:
     return Features(torch.cat(fbanks), torch.cat(frames), torch.cat(labels), ids, len(classes))
 
 
-def train_ids(shards: Path, fold: Fold, budget: int | None, seed: int) -> tuple[list, list]:
-    """(training ids, test ids) of a fold at a budget: LabelledDataModule's draw."""
-    data = labelled_data(
-        shards, test_filter=fold.test_filter, labels_per_class=budget, budget_seed=seed
-    )
-    assert data.subsets is not None
-    ids = [[str(c.meta.get("id", c.key)) for c in data.subsets[s]] for s in ("train", "test")]
-    return ids[0], ids[1]
+def fbank_stats_features(features: Features) -> torch.Tensor:
+    """The hand-crafted baseline: each clip's per-mel-bin mean and standard deviation over
+    its own frames of the filterbank window (clips, 2 * bins)."""
+    frames = features.frames.clamp(1, features.fbank.shape[1])
+    own = torch.arange(features.fbank.shape[1])[None, :] < frames[:, None]  # (clips, frames)
+    weight = own[..., None].float()
+    mean = (features.fbank * weight).sum(1) / frames[:, None]
+    var = ((features.fbank - mean[:, None]) ** 2 * weight).sum(1) / frames[:, None]
+    return torch.cat([mean, var.sqrt()], dim=1)
 
 
 def build_task(
@@ -529,6 +697,7 @@ def finetune(
 
 def evaluate(
     shards: Path,
+    clips: Catalogue,
     encoder_file: Path,
     folds: list[Fold],
     budgets: list[int | None],
@@ -540,7 +709,11 @@ def evaluate(
     from ssamba.models.encoder_file import load_encoder_file
 
     bundle = load_encoder_file(encoder_file)
-    fbank_cfg = bundle.features or labelled_data(shards).fbank
+    fbank_cfg = bundle.features
+    if fbank_cfg is None:
+        from ssamba.data.labelled import LabelledDataModule
+
+        fbank_cfg = LabelledDataModule(str(shards), num_workers=0).fbank
     features = clip_features(shards, fbank_cfg)
     classes = features.num_classes
     print(
@@ -550,6 +723,7 @@ def evaluate(
     )
     embeddings: dict[tuple[str, int], torch.Tensor] = {}
     if "linear" in modes:
+        embeddings[("fbank-stats", 0)] = fbank_stats_features(features)
         embeddings[("pretrained", 0)] = embed_all(
             build_task(encoder_file, "pretrained", 0, "linear", settings, classes),
             features.fbank,
@@ -567,17 +741,18 @@ def evaluate(
     for fold in folds:
         for seed in seeds:
             for budget in budgets:
-                train, test = train_ids(shards, fold, budget, seed)
-                sha = hashlib.sha256("\n".join(sorted(train)).encode()).hexdigest()[:16]
-                rows, test_rows = features.rows(train), features.rows(test)
+                train = clips.draw(fold.train_ids, budget, seed)
+                rows, test_rows = features.rows(train), features.rows(fold.test_ids)
                 y, test_y = features.label[rows], features.label[test_rows]
                 for init in INITS:
                     for mode in modes:
-                        if mode == "finetune" and budget not in (settings.budgets or budgets):
+                        if mode == "finetune" and (
+                            init not in LEARNED or budget not in (settings.budgets or budgets)
+                        ):
                             continue
                         began = time.monotonic()
                         if mode == "linear":
-                            emb = embeddings[(init, 0 if init == "pretrained" else seed)]
+                            emb = embeddings[(init, seed if init == "random" else 0)]
                             acc = linear_probe(
                                 emb[rows],
                                 y,
@@ -591,6 +766,7 @@ def evaluate(
                                 encoder_file, init, seed, "finetune", settings, classes
                             )
                             acc = finetune(task, features, rows, test_rows, settings, seed)
+                        trained_on = [features.ids[i] for i in rows.tolist()]
                         run = Run(
                             init,
                             mode,
@@ -598,14 +774,14 @@ def evaluate(
                             seed,
                             fold.name,
                             acc,
-                            len(train),
-                            sha,
+                            len(trained_on),
+                            trained_on,
                             time.monotonic() - began,
                         )
                         runs.append(run)
                         print(
                             f"fold {fold.name} seed {seed} labels/class {budget or 'all'} "
-                            f"{init:10s} {mode:8s} acc {acc:.3f} ({run.seconds:.0f} s)",
+                            f"{init:11s} {mode:8s} acc {acc:.3f} ({run.seconds:.0f} s)",
                             flush=True,
                         )
     return runs
@@ -613,7 +789,8 @@ def evaluate(
 
 # ---------------------------------------------------------------------------- outputs
 def summarise(runs: list[Run]) -> list[dict[str, Any]]:
-    """Mean +/- std per (mode, budget, init) over seeds (fold means first) and folds."""
+    """Mean +/- std per (mode, budget, init) over seeds (fold means first) and folds; an
+    init that did not run in a mode (fbank-stats is only probed) is left out of its row."""
     rows = []
     keys = sorted(
         {(r.mode, r.labels_per_class) for r in runs},
@@ -623,7 +800,9 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"mode": mode, "labels_per_class": budget}
         for init in INITS:
             cell = [r for r in runs if (r.mode, r.labels_per_class, r.init) == (mode, budget, init)]
-            per_seed = {}
+            if not cell:
+                continue
+            per_seed: dict[int, list[float]] = {}
             for r in cell:
                 per_seed.setdefault(r.seed, []).append(r.accuracy)
             seed_means = [statistics.fmean(v) for v in per_seed.values()]
@@ -638,26 +817,38 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(summary: list[dict[str, Any]], split: str, minutes: float, seeds: int) -> str:
+def _cell(value: dict[str, Any] | None) -> str:
+    """ "mean ± std" in %, the mean alone for a single run, "-" where nothing ran."""
+    if value is None:
+        return "-"
+    if value["n"] < 2:
+        return f"{value['mean'] * 100:.1f}"
+    return f"{value['mean'] * 100:.1f} ± {value['std'] * 100:.1f}"
+
+
+def format_table(summary: list[dict[str, Any]], protocol: str, minutes: float, seeds: int) -> str:
     lines = [
-        "| mode | labels per class | pretrained | random init | pretrained - random |",
-        "|---|---|---|---|---|",
+        "| mode | labels per class | pretrained | random init | fbank-stats | "
+        "pretrained - random |",
+        "|---|---|---|---|---|---|",
     ]
     for row in summary:
-        cells = [f"{row[i]['mean'] * 100:.1f} ± {row[i]['std'] * 100:.1f}" for i in INITS]
+        cells = [_cell(row.get(i)) for i in INITS]
         budget = row["labels_per_class"] or "all"
         lines.append(
-            f"| {row['mode']} | {budget} | {cells[0]} | {cells[1]} | "
-            f"{row['difference'] * 100:+.1f} |"
+            f"| {row['mode']} | {budget} | {' | '.join(cells)} | {row['difference'] * 100:+.1f} |"
         )
     runs = max((row["pretrained"]["n"] for row in summary), default=1)
     over = f"mean ± std over {runs} {'seeds' if seeds > 1 else 'folds'}" if runs > 1 else "one run"
-    lines.append(f"\nTest accuracy (%), {split}, {over}; {minutes:.1f} minutes in all.")
+    lines.append(
+        f"\nTest accuracy (%), {protocol}, {over}; fbank-stats: a linear probe on each "
+        f"clip's per-mel-bin mean and std; {minutes:.1f} minutes in all."
+    )
     return "\n".join(lines)
 
 
 def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy vs labels per class (log x; 'all' at the right), both inits and modes."""
+    """Accuracy vs labels per class (log x; 'all' at the right), every init and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -669,17 +860,18 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     numeric = [k for k in budgets if k is not None]
     all_x = (max(numeric) * 4) if numeric else 1
     xs = {k: (all_x if k is None else k) for k in budgets}
+    markers = {"pretrained": "o", "random": "s", "fbank-stats": "^"}
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in MODES:
         for init in INITS:
-            rows = [r for r in summary if r["mode"] == mode]
+            rows = [r for r in summary if r["mode"] == mode and init in r]
             if not rows:
                 continue
             ax.errorbar(
                 [xs[r["labels_per_class"]] for r in rows],
                 [r[init]["mean"] * 100 for r in rows],
                 yerr=[r[init]["std"] * 100 for r in rows],
-                marker="o" if init == "pretrained" else "s",
+                marker=markers[init],
                 linestyle="-" if mode == "finetune" else "--",
                 capsize=3,
                 label=f"{init} {mode}",
@@ -689,7 +881,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_xlabel("labels per class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -698,24 +890,31 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 def write_outputs(
-    runs: list[Run], out: Path, encoder: Path, split: str, minutes: float, options: dict
+    runs: list[Run],
+    out: Path,
+    encoder: Path,
+    protocol: str,
+    folds: list[dict[str, Any]],
+    minutes: float,
+    options: dict,
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """results.json, results.md and results.png in `out` (a new run folder)."""
     summary = summarise(runs)
     seeds = len({r.seed for r in runs})
-    table = format_table(summary, split, minutes, seeds)
+    table = format_table(summary, protocol, minutes, seeds)
     results = {
-        "split": split,
+        "protocol": protocol,
         "encoder": str(Path(encoder).resolve()),
         "minutes": minutes,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
-        "runs": [asdict(r) for r in runs],
+        "folds": folds,
         "summary": summary,
+        "runs": [asdict(r) for r in runs],
     }
     results["options"]["pretrain_shards"] = [str(p) for p in options.get("pretrain_shards") or []]
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(table + "\n")
-    picture = plot(summary, out / "results.png", f"pretrained vs random init, {split}")
+    picture = plot(summary, out / "results.png", protocol)
     print("\n" + table)
     print(f"\nresults: {out / 'results.json'}\ntable:   {out / 'results.md'}\nplot:    {picture}")
 

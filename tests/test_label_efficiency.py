@@ -1,8 +1,9 @@
-"""`ssamba label-efficiency` on real FSDD clips: budgets, bad input, end to end.
+"""`ssamba label-efficiency` on real FSDD clips: the protocol, the draws, the probe, bad
+input, end to end.
 
 A small shard folder (3 speakers x 10 digits x takes 0-1 and 5-9: 60 test clips of the
 official split, 150 training clips, 15 per digit) keeps the runs to seconds; the
-end-to-end test pretrains for a few steps and runs two leave-one-speaker-out folds.
+end-to-end test pretrains for a few steps on two speakers and tests on the third.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_datamodules import fsdd_clips, write_shard_folder
+from test_datamodules import FixtureClip, fsdd_clips, write_shard_folder
 
 from ssamba import label_efficiency
+from ssamba.data.labelled import draw_per_class
+from ssamba.data.pretrain import PretrainDataModule
+from ssamba.data.shards import SkipCounter, catalogue, list_shards
 from ssamba.features import FbankConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.models.encoder_file import EncoderFile
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 SPEAKERS = ["george", "jackson", "theo"]
 
@@ -50,40 +54,173 @@ def run(*args: str) -> int:
     return label_efficiency.main([*map(str, args), "--threads", "1"])
 
 
-def test_both_inits_train_on_the_same_k_clips_per_class(shards, encoder_file, tmp_path):
-    out = tmp_path / "out"
+def options(*args: str) -> label_efficiency.argparse.Namespace:
+    return label_efficiency.build_parser().parse_args(["--shards", "s", *args])
+
+
+def test_every_init_trains_on_the_draw_recomputed_from_the_data(shards, encoder_file, tmp_path):
     code = run(
-        "--shards", shards, "--encoder", encoder_file, "--out", out,
+        "--shards", shards, "--encoder", encoder_file, "--out", tmp_path,
         "--labels-per-class", "1,5", "--seeds", "0,1", "--modes", "linear",
     )  # fmt: skip
 
     assert code == 0
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert len(runs) == 2 * 2 * 2  # budgets x seeds x inits
-    draws: dict[tuple, set] = {}
+    results = json.loads((tmp_path / "run-1" / "results.json").read_text())
+    # the draw, recomputed from the shards: k clips per digit of the training split
+    stored = catalogue(list_shards(shards), SkipCounter(0))
+    pool = [c.meta for c in stored if c.meta["split"] == "train"]
+    test_ids = {c.meta["id"] for c in stored if c.meta["split"] == "test"}
+    runs = results["runs"]
+    assert {r["init"] for r in runs} == {"pretrained", "random", "fbank-stats"}
+    assert len(runs) == 2 * 2 * 3  # budgets x seeds x inits
     for r in runs:
-        assert r["train_clips"] == 10 * r["labels_per_class"]
-        assert 0.0 <= r["accuracy"] <= 1.0
-        draws.setdefault((r["labels_per_class"], r["seed"]), set()).add(r["train_ids_sha"])
-    assert all(len(shas) == 1 for shas in draws.values())  # pretrained and random alike
-    assert draws[(5, 0)] != draws[(5, 1)]  # the seed draws other clips
-    # the draw the command uses: k per class, nested in larger budgets, test never in it
-    fold = label_efficiency.Fold("official", {"split": "test"})
-    one, test = label_efficiency.train_ids(shards, fold, 1, seed=0)
-    five, _ = label_efficiency.train_ids(shards, fold, 5, seed=0)
-    assert set(one) < set(five) and not set(five) & set(test)
-    assert sorted(i.split("_")[0] for i in five) == sorted([str(d) for d in range(10)] * 5)
+        k, seed = r["labels_per_class"], r["seed"]
+        draw = draw_per_class([m["id"] for m in pool], [m["labels"] for m in pool], k, seed)
+        assert sorted(r["train_ids"]) == sorted(draw), (r["init"], k, seed)
+        assert sorted(i.split("_")[0] for i in r["train_ids"]) == sorted(
+            [str(d) for d in range(10)] * k
+        )
+        assert not set(r["train_ids"]) & test_ids
+    by_draw = {(r["labels_per_class"], r["seed"]): set(r["train_ids"]) for r in runs}
+    assert by_draw[(1, 0)] < by_draw[(5, 0)] and by_draw[(5, 0)] != by_draw[(5, 1)]
+    (fold,) = results["folds"]
+    assert fold["name"] == "official" and set(fold["test_ids"]) == test_ids
+    assert fold["pretraining_ids"] is None  # --encoder: what it was pretrained on is unknown
+    table = (tmp_path / "run-1" / "results.md").read_text()
+    assert "fbank-stats" in table and "± 0.0" not in table
+    # a second run into the same --out writes a new folder, the first stays
+    assert run("--shards", shards, "--encoder", encoder_file, "--out", tmp_path,
+               "--labels-per-class", "1", "--seeds", "0", "--modes", "linear") == 0  # fmt: skip
+    assert (tmp_path / "run-2" / "results.json").is_file()
+    assert json.loads((tmp_path / "run-1" / "results.json").read_text()) == results
 
 
-def test_the_random_init_is_the_pretrained_architecture_with_other_weights(encoder_file):
+def test_the_pretrained_init_holds_the_files_weights(encoder_file):
     settings = label_efficiency.FinetuneSettings()
     build = label_efficiency.build_task
-    pretrained = build(encoder_file, "pretrained", 0, "linear", settings, 10).encoder
-    random_init = build(encoder_file, "random", 0, "linear", settings, 10).encoder
+    stored = load_encoder_file(encoder_file).encoder.state_dict()
+    pretrained = build(encoder_file, "pretrained", 0, "linear", settings, 10).encoder.state_dict()
+    random_init = build(encoder_file, "random", 0, "linear", settings, 10).encoder.state_dict()
 
-    assert pretrained.cfg == random_init.cfg
-    state, other = pretrained.state_dict(), random_init.state_dict()
-    assert any(not torch.equal(state[k], other[k]) for k in state)
+    assert pretrained.keys() == stored.keys()
+    assert all(torch.equal(pretrained[k], stored[k]) for k in stored)
+    # the random init draws new weights where initialisation is random (Mamba's A and D
+    # start from fixed values in both)
+    assert not torch.equal(
+        random_init["patch_embed.proj.weight"], stored["patch_embed.proj.weight"]
+    )
+    assert not torch.equal(random_init["pos_embed"], stored["pos_embed"])
+
+
+def blobs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 well-separated classes in 16 dimensions: (n, 16), labels (n,)."""
+    centres = torch.randn(10, 16, generator=generator) * 4
+    labels = torch.arange(n) % 10
+    return centres[labels] + torch.randn(n, 16, generator=generator), labels
+
+
+def test_the_probe_separates_separable_classes_and_not_shuffled_labels():
+    x, y = blobs(400, torch.Generator().manual_seed(0))
+    train, test = slice(0, 200), slice(200, 400)
+    probe = label_efficiency.linear_probe
+
+    assert probe(x[train], y[train], x[test], y[test], 10, 1e-3) >= 0.95
+    shuffled = y[torch.randperm(400, generator=torch.Generator().manual_seed(1))]
+    assert probe(x[train], shuffled[train], x[test], shuffled[test], 10, 1e-3) <= 0.2
+
+
+def test_the_probe_standardises_with_the_training_rows_only():
+    # training rows straddle 0; the test rows sit far to the right, where the class-1 side
+    # is: with the training rows' mean and std both test rows are class 1 (right); with
+    # statistics that include the test rows they would fall on either side of the boundary
+    train_x = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_x, test_y = torch.tensor([[40.0], [50.0]]), torch.tensor([1, 1])
+
+    assert label_efficiency.linear_probe(train_x, train_y, test_x, test_y, 2, 1e-3) == 1.0
+
+
+def test_fbank_stats_reads_each_clips_own_frames():
+    fbank = torch.randn(2, 8, 3)
+    frames = torch.tensor([5, 8])
+    features = label_efficiency.Features(fbank, frames, torch.tensor([0, 1]), ["a", "b"], 2)
+
+    stats = label_efficiency.fbank_stats_features(features)
+
+    assert stats.shape == (2, 6)
+    own = fbank[0, :5]
+    assert torch.allclose(stats[0], torch.cat([own.mean(0), own.std(0, unbiased=False)]))
+    fbank[0, 5:] = 1e6  # padding changes nothing
+    assert torch.allclose(label_efficiency.fbank_stats_features(features)[0], stats[0])
+
+
+def test_held_out_groups_are_neither_pretrained_nor_trained_on(shards):
+    clips = label_efficiency.read_catalogue(shards)
+    speaker = {i: i.split("_")[1] for i in clips.ids}
+
+    reported = label_efficiency.plan_protocol(clips, options("--loso", "speaker"))
+    dev = label_efficiency.plan_protocol(
+        clips, options("--loso", "speaker", "--dev-groups", "jackson")
+    )
+
+    assert [f.name for f in reported.folds] == ["theo"]  # the last third by default
+    fold = reported.folds[0]
+    assert {speaker[i] for i in fold.test_ids} == {"theo"} and len(fold.test_ids) == 70
+    assert {speaker[i] for i in reported.pretraining_ids} == {"george", "jackson"}
+    assert set(fold.train_ids) == set(reported.pretraining_ids)
+    assert "held-out speakers theo" in reported.description
+    assert [f.name for f in dev.folds] == ["jackson"]
+    assert {speaker[i] for i in dev.pretraining_ids} == {"george"}  # theo is not read
+    assert {speaker[i] for i in dev.folds[0].train_ids} == {"george"}
+
+
+def test_pretraining_reads_only_the_listed_clips(shards):
+    wanted = [f"{d}_george_5" for d in range(10)]
+    val = ["3_theo_6", "4_theo_6"]
+    data = PretrainDataModule(
+        [{"shards": str(shards), "ids": wanted}],
+        val={"shards": str(shards), "ids": val},
+        batch_size=4,
+        steps_per_epoch=6,
+        num_workers=0,
+        target_length=64,
+        stats=(-6.85, 5.57),
+    )
+    data.setup("fit")
+
+    batches = iter(data.train_dataloader())
+    seen = {i for _ in range(6) for i in next(batches)["id"]}
+    assert seen and seen <= set(wanted)
+    assert [i for batch in data.val_dataloader() for i in batch["id"]] == val
+    with pytest.raises(ValueError, match=r"sources\[0\]\.ids: 1 of 1 ids .*'nope'"):
+        PretrainDataModule([{"shards": str(shards), "ids": ["nope"]}], stats=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("renamed", [True, False], ids=["test-audio-renamed", "labelled-folder"])
+def test_pretrain_shards_holding_test_audio_are_refused_before_training(
+    renamed, clips, shards, tmp_path, capsys
+):
+    if renamed:  # one test clip's audio under another id, among training clips
+        test_clip = clips["test"][7]
+        copy = FixtureClip("other_name", test_clip.audio, {**test_clip.meta, "id": "other_name"})
+        folder = write_shard_folder(tmp_path / "raw", {"train": [[*clips["train"][:5], copy]]})
+    else:
+        folder = shards  # the labelled folder itself, all its splits
+    out = tmp_path / "out"
+
+    code = run(
+        "--shards", shards, "--pretrain-shards", folder, "--out", out, "--labels-per-class", "1"
+    )
+
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if renamed:
+        assert "1 of its clips are test clips" in err and "'other_name'" in err, err
+        assert f"test clip {clips['test'][7].key!r}" in err
+    else:
+        assert "60 of its clips are test clips" in err, err
+    assert not out.exists()  # nothing was trained or written
 
 
 @pytest.mark.parametrize(
@@ -93,6 +230,8 @@ def test_the_random_init_is_the_pretrained_architecture_with_other_weights(encod
         ("budget_too_large", "labels_per_class=16: classes with fewer"),
         ("unlabelled", "unlabelled shard folder"),
         ("loso_field", "--loso accent"),
+        ("heldout_unknown", "--heldout: ['nobody']"),
+        ("dev_is_heldout", "--dev-groups: ['theo'] are held out"),
         ("missing_encoder", "no such file"),
         ("negative_l2", "--probe-l2: -1.0"),
     ],
@@ -109,6 +248,10 @@ def test_bad_input_stops_with_one_line_before_any_training(
         folder = write_shard_folder(tmp_path / "raw", {"train": [clips["train"]]}, classes=None)
     elif problem == "loso_field":
         extra += ["--loso", "accent"]
+    elif problem == "heldout_unknown":
+        extra += ["--loso", "speaker", "--heldout", "nobody"]
+    elif problem == "dev_is_heldout":
+        extra += ["--loso", "speaker", "--dev-groups", "theo"]
     elif problem == "negative_l2":
         extra += ["--probe-l2", "-1"]
     else:
@@ -126,7 +269,7 @@ def test_bad_input_stops_with_one_line_before_any_training(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pretrain_then_probe_and_finetune_leave_one_speaker_out(shards, tmp_path):
+def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one(shards, tmp_path):
     # with the padding of short clips left out everywhere (the default path runs in
     # test_demo): pretraining's masks and losses, the probes' and fine-tunes' pooling
     out = tmp_path / "le"
@@ -138,23 +281,26 @@ def test_pretrain_then_probe_and_finetune_leave_one_speaker_out(shards, tmp_path
     )
     code = run(
         "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",
-        "--folds", "george,theo", "--labels-per-class", "1,all", "--seeds", "0",
-        "--finetune-min-steps", "4", "--finetune-epochs", "1", "--ignore-padding",
+        "--labels-per-class", "1,all", "--seeds", "0", "--finetune-min-steps", "4",
+        "--finetune-epochs", "1", "--ignore-padding", "--pooling", "stats",
     )  # fmt: skip
 
     assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "run-1" / "results.json").read_text())
     assert results["options"]["ignore_padding"] is True
     assert Path(results["encoder"]).is_file() and str(out) in results["encoder"]
+    (fold,) = results["folds"]
+    assert fold["name"] == "theo" and len(fold["test_ids"]) == 70
+    assert {i.split("_")[1] for i in fold["pretraining_ids"]} == {"george", "jackson"}
+    assert not set(fold["test_ids"]) & set(fold["pretraining_ids"])
     runs = results["runs"]
-    assert len(runs) == 2 * 2 * 2 * 2  # folds x budgets x inits x modes
-    assert {r["fold"] for r in runs} == {"george", "theo"}
     assert {(r["init"], r["mode"]) for r in runs} == {
-        (i, m) for i in ("pretrained", "random") for m in ("linear", "finetune")
+        *((i, m) for i in ("pretrained", "random") for m in ("linear", "finetune")),
+        ("fbank-stats", "linear"),
     }
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+    assert len(runs) == 2 * 5  # budgets x (init, mode)
     # "all": every clip of the two other speakers (7 takes x 10 digits each)
     assert {r["train_clips"] for r in runs if r["labels_per_class"] is None} == {140}
-    table = (out / "results.md").read_text()
-    assert "| finetune | all |" in table and "leave-one-speaker-out" in table
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "run-1" / "results.md").read_text()
+    assert "| finetune | all |" in table and "held-out speakers theo" in table
+    assert (out / "run-1" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ import torch
 
 from ssamba.data.loader import FiniteLoader, distributed_rank_world, make_loader, rank_batches
 from ssamba.data.shard_format import LABELS_NAME, read_labels
-from ssamba.data.shards import ClipRef, SkipCounter, catalogue, list_shards
+from ssamba.data.shards import ClipRef, SkipCounter, catalogue, clip_id, list_shards
 from ssamba.data.streams import Clip, ClipBatches
 from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
 from ssamba.features import FbankConfig, PadMode, mix_targets, mix_waves, sample_mixup_lambda
@@ -349,22 +350,9 @@ class LabelledDataModule(L.LightningDataModule):
         return FiniteLoader(make_loader(batches, hp.num_workers), length)
 
     def _check_labels(self, clips: list[ClipRef]) -> None:
-        """Every label must be an id of labels.csv, and single-label clips have exactly one."""
-        for clip in clips:
-            name = f"{clip.shard}: clip {clip.meta.get('id', clip.key)!r}"
-            labels = clip.meta.get("labels", [])
-            if not isinstance(labels, list):
-                raise ValueError(f"{name} has labels {labels!r}, not a list")
-            if not self.multi_label and len(labels) != 1:
-                raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
-            for label in labels:
-                if label not in self.class_index:
-                    examples = ", ".join(list(self.class_index)[:5])
-                    raise ValueError(
-                        f"{name} has label {label!r}, which is not in "
-                        f"{Path(self.hparams.shards) / LABELS_NAME} "
-                        f"({self.num_classes} classes: {examples}, ...)"
-                    )
+        assert self.multi_label is not None
+        labels_csv = Path(self.hparams.shards) / LABELS_NAME
+        check_labels(clips, self.class_index, self.multi_label, labels_csv)
 
     def _assign(self, clips: list[ClipRef]) -> tuple[dict[str, list[ClipRef]], dict[str, Any]]:
         """(clips per subset, predicate per subset); a None predicate = subset not configured."""
@@ -385,7 +373,7 @@ class LabelledDataModule(L.LightningDataModule):
         ]
         if hp.val_fraction:
             val = f"{hp.val_fraction:.0%} of the training clips, held out by clip-id hash"
-            val_clips = [c for c in pool if _hash_share(c) < hp.val_fraction]
+            val_clips = [c for c in pool if hash_share(clip_id(c)) < hp.val_fraction]
         else:
             val_clips = [c for c in clips if val is not None and matches(c.meta, val)]
             if val != test:
@@ -404,31 +392,13 @@ class LabelledDataModule(L.LightningDataModule):
         return subsets, predicates
 
     def _label_budget(self, clips: list[ClipRef], per_class: int) -> list[ClipRef]:
-        """The first `per_class` clips of each class in a seeded order of their ids."""
-        by_class: dict[str, list[ClipRef]] = {label: [] for label in self.class_index}
-        for clip in clips:
-            labels = clip.meta.get("labels", [])
-            if len(labels) != 1:
-                raise ValueError(
-                    f"labels_per_class: needs single-label clips; clip {clip.meta['id']!r} "
-                    f"has labels {labels}"
-                )
-            by_class[labels[0]].append(clip)
-        short = {label: len(c) for label, c in by_class.items() if len(c) < per_class}
-        if short:
-            raise ValueError(
-                f"labels_per_class={per_class}: classes with fewer training clips: "
-                + ", ".join(f"{label!r} ({n})" for label, n in sorted(short.items()))
-            )
-        seed = self.hparams.budget_seed
-
-        def order(clip: ClipRef) -> str:
-            return hashlib.sha256(f"{seed}:{_clip_id(clip)}".encode()).hexdigest()
-
-        chosen = {
-            id(c) for group in by_class.values() for c in sorted(group, key=order)[:per_class]
-        }
-        return [c for c in clips if id(c) in chosen]
+        """The clips `draw_per_class` picks (seeded by `budget_seed`), in catalogue order."""
+        ids = [clip_id(c) for c in clips]
+        labels = [c.meta.get("labels", []) for c in clips]
+        chosen = set(
+            draw_per_class(ids, labels, per_class, self.hparams.budget_seed, list(self.class_index))
+        )
+        return [c for c in clips if clip_id(c) in chosen]
 
     def _eval_predicates(
         self, clips: list[ClipRef]
@@ -456,19 +426,73 @@ class LabelledDataModule(L.LightningDataModule):
         return test, {"fold": hp.val_fold}
 
 
-def _clip_id(clip: ClipRef) -> str:
-    return str(clip.meta.get("id", clip.key))
-
-
-def _hash_share(clip: ClipRef) -> float:
+def hash_share(clip_id: str) -> float:
     """A fixed number in [0, 1) per clip id: the same split on every rank, run and machine."""
-    digest = hashlib.blake2b(_clip_id(clip).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(clip_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def draw_per_class(
+    ids: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    per_class: int,
+    seed: int,
+    classes: Sequence[str] = (),
+) -> list[str]:
+    """The first `per_class` ids of each class in an order drawn from `seed` and the ids
+    alone, in the order given: every model drawn with the same seed sees the same clips,
+    and a smaller budget is a subset of a larger one.
+
+    ids: (clips,) clip ids; labels: each clip's labels (exactly one each); classes: every
+    class that must hold `per_class` clips (besides those present). ValueError names the
+    clip with another count, or the classes with fewer than `per_class` clips.
+    """
+    by_class: dict[str, list[str]] = {label: [] for label in classes}
+    for clip, clip_labels in zip(ids, labels, strict=True):
+        if len(clip_labels) != 1:
+            raise ValueError(
+                f"labels_per_class: needs single-label clips; clip {clip!r} has labels "
+                f"{list(clip_labels)}"
+            )
+        by_class.setdefault(clip_labels[0], []).append(clip)
+    short = {label: len(c) for label, c in by_class.items() if len(c) < per_class}
+    if short:
+        raise ValueError(
+            f"labels_per_class={per_class}: classes with fewer training clips: "
+            + ", ".join(f"{label!r} ({n})" for label, n in sorted(short.items()))
+        )
+
+    def order(clip: str) -> str:
+        return hashlib.sha256(f"{seed}:{clip}".encode()).hexdigest()
+
+    chosen = {c for group in by_class.values() for c in sorted(group, key=order)[:per_class]}
+    return [c for c in ids if c in chosen]
+
+
+def check_labels(
+    clips: Sequence[ClipRef], class_index: dict[str, int], multi_label: bool, labels_csv: Path
+) -> None:
+    """Every label must be an id of `labels_csv` (`class_index`), and single-label clips
+    have exactly one; ValueError names the shard, the clip and the label."""
+    for clip in clips:
+        name = f"{clip.shard}: clip {clip_id(clip)!r}"
+        labels = clip.meta.get("labels", [])
+        if not isinstance(labels, list):
+            raise ValueError(f"{name} has labels {labels!r}, not a list")
+        if not multi_label and len(labels) != 1:
+            raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
+        for label in labels:
+            if label not in class_index:
+                examples = ", ".join(list(class_index)[:5])
+                raise ValueError(
+                    f"{name} has label {label!r}, which is not in {labels_csv} "
+                    f"({len(class_index)} classes: {examples}, ...)"
+                )
 
 
 def _check_disjoint(val_clips: list[ClipRef], in_test: set[int], val: Any, test: Any) -> None:
     """Refuse validation clips that are also test clips: the kept epoch would see the test set."""
-    shared = [_clip_id(c) for c in val_clips if id(c) in in_test]
+    shared = [clip_id(c) for c in val_clips if id(c) in in_test]
     if shared:
         raise ValueError(
             f"the val set ({val}) and the test set ({test}) share {len(shared)} clips "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 import lightning as L
@@ -31,7 +31,7 @@ from ssamba.data.loader import (
     make_loader,
     rank_batches,
 )
-from ssamba.data.shards import Shard, SkipCounter, catalogue, list_shards
+from ssamba.data.shards import Shard, SkipCounter, catalogue, clip_id, list_shards
 from ssamba.data.streams import Clip, ClipBatches, MixedShardStream, derive_seed
 from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
 from ssamba.features import FbankConfig, PadMode
@@ -43,6 +43,7 @@ class ShardSource(TypedDict):
     shards: str
     weight: NotRequired[float]
     splits: NotRequired[list[str]]
+    ids: NotRequired[list[str]]
 
 
 @dataclass
@@ -65,13 +66,36 @@ class FbankBatch:
 
 
 def source_shards(source: ShardSource, what: str) -> list[Shard]:
-    """The shards a source names; errors name the config key, the folder and the splits."""
+    """The shards a source names; errors name the config key, the folder and the splits.
+
+    With `ids`, only the shards holding those clips, each counted by the clips it holds
+    of them (so every listed clip stays equally likely); every id must be found.
+    """
     if "shards" not in source:
         raise ValueError(f"{what}: needs a 'shards' folder, got keys {sorted(source)}")
     try:
-        return list_shards(source["shards"], source.get("splits"))
+        shards = list_shards(source["shards"], source.get("splits"))
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"{what}: {err}") from err
+    if source.get("ids") is None:
+        return shards
+    wanted = set(map(str, source["ids"]))
+    held = {
+        s.path: [c for c in catalogue([s], SkipCounter(0)) if clip_id(c) in wanted] for s in shards
+    }
+    missing = wanted - {clip_id(c) for clips in held.values() for c in clips}
+    if missing:
+        raise ValueError(
+            f"{what}.ids: {len(missing)} of {len(wanted)} ids are not clips of "
+            f"{source['shards']} (e.g. {sorted(missing)[0]!r})"
+        )
+    return [replace(s, count=len(held[s.path])) for s in shards if held[s.path]]
+
+
+def source_ids(source: ShardSource | None) -> frozenset[str] | None:
+    """The clip ids a source keeps (None: all)."""
+    ids = None if source is None else source.get("ids")
+    return None if ids is None else frozenset(map(str, ids))
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -99,9 +123,9 @@ class PretrainDataModule(L.LightningDataModule):
             sources: shard sets to mix, e.g. `[{shards: work/shards/audioset, weight: 2},
                 {shards: work/shards/librispeech, splits: [train-clean-100]}]`. `weight`
                 (default 1) sets the share of clips drawn from that set; `splits` (default
-                all) picks tars by split name.
+                all) picks tars by split name; `ids` (default all) reads only those clips.
             val: held-out shard set for validation (masked-patch accuracy); read in order,
-                every clip once over all ranks. None: no validation.
+                every clip once over all ranks (`ids`: only those). None: no validation.
             val_max_clips: keep only the first N validation clips (a fixed, cheap subset).
             batch_size: clips per batch on each rank (validation batches shrink when
                 there are too few clips to give every rank one).
@@ -171,7 +195,11 @@ class PretrainDataModule(L.LightningDataModule):
             rank, world = distributed_rank_world()
         self._place = (rank, world)
         if self.val_shards is not None:
-            clips = catalogue(self.val_shards, self.val_counter)[: hp.val_max_clips]
+            clips = catalogue(self.val_shards, self.val_counter)
+            keep = source_ids(hp.val)
+            if keep is not None:
+                clips = [c for c in clips if clip_id(c) in keep]
+            clips = clips[: hp.val_max_clips]
             if len(clips) < world:
                 raise ValueError(
                     f"val: {len(clips)} readable clips in {hp.val['shards']} for {world} "
@@ -213,6 +241,7 @@ class PretrainDataModule(L.LightningDataModule):
                 world,
                 self.stream_seed(),
                 self.train_counter,
+                keep=[source_ids(s) for s in hp.sources],
             )
             self._train = StreamLoader(make_loader(stream, hp.num_workers), hp.steps_per_epoch)
         return self._train

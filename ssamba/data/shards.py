@@ -114,6 +114,11 @@ class ClipRef:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def clip_id(clip: ClipRef) -> str:
+    """A catalogued clip's id: its json `id`, else its key in the tar (as `decode_clip`)."""
+    return str(clip.meta.get("id", clip.key))
+
+
 class ShardError(RuntimeError):
     """A tar file that cannot be read (missing, truncated, compressed, not a tar)."""
 

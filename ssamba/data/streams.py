@@ -152,8 +152,11 @@ class MixedShardStream(IterableDataset):
         world: int,
         seed: int,
         counter: SkipCounter,
+        keep: Sequence[frozenset[str] | None] | None = None,
     ) -> None:
+        """`keep`: per source, the clip ids to read (None: every clip of its shards)."""
         self.sources = [list(shards) for shards in sources]
+        self.keep = list(keep) if keep is not None else [None] * len(self.sources)
         self.weights = list(weights)
         self.builder = builder
         self.batch_size = batch_size
@@ -166,7 +169,10 @@ class MixedShardStream(IterableDataset):
         slot = Slot.current(self.rank, self.world)
         rng = random.Random(derive_seed(self.seed, slot.index))
         seed_worker_torch(derive_seed(self.seed, slot.index, 1))
-        streams = [self._resampled(shards, rng, slot) for shards in self.sources]
+        streams = [
+            self._resampled(shards, rng, slot, keep)
+            for shards, keep in zip(self.sources, self.keep, strict=True)
+        ]
         pending: list[Clip] = []
         for raw in _shuffled(_mixed(streams, self.weights, rng), self.shuffle_buffer, rng):
             clip = _decode_or_count(raw, self.counter, slot)
@@ -179,8 +185,11 @@ class MixedShardStream(IterableDataset):
                 if batch is not None:
                     yield batch
 
-    def _resampled(self, shards: list[Shard], rng: random.Random, slot: Slot) -> Iterator[RawClip]:
-        """Clips of shards drawn with replacement, forever; broken shards are counted."""
+    def _resampled(
+        self, shards: list[Shard], rng: random.Random, slot: Slot, keep: frozenset[str] | None
+    ) -> Iterator[RawClip]:
+        """Clips of shards (those in `keep` when given) drawn with replacement, forever;
+        broken shards are counted."""
         counts = [shard.count or 1 for shard in shards]
         failures_in_a_row = 0
         while True:
@@ -188,7 +197,8 @@ class MixedShardStream(IterableDataset):
             try:
                 for raw in iter_shard(shard.path):
                     failures_in_a_row = 0
-                    yield raw
+                    if keep is None or raw_id(raw) in keep:
+                        yield raw
             except ShardError as err:
                 self.counter.add(slot.worker, CorruptClip("bad_shard", str(err)))
                 failures_in_a_row += 1
@@ -196,6 +206,11 @@ class MixedShardStream(IterableDataset):
                     raise RuntimeError(
                         f"{failures_in_a_row} shard reads in a row failed, e.g. {err}"
                     ) from err
+
+
+def raw_id(raw: RawClip) -> str:
+    """A stored clip's id: its json `id`, else its key (as `decode_clip` sets it)."""
+    return str((raw.meta or {}).get("id", raw.key))
 
 
 def _mixed(

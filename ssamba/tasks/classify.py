@@ -101,7 +101,7 @@ class ClassifyTask(LightningModule):
         encoder: EncoderConfig | None = None,
         input_frames: int | None = None,
         stride: int | list[int] | None = None,
-        pooling: Literal["mean", "cls"] = "mean",
+        pooling: Literal["mean", "stats", "cls"] = "mean",
         ignore_padding: bool = False,
         mode: Literal["finetune", "linear", "adapter"] = "finetune",
         adapter: AdapterConfig | None = None,
@@ -134,8 +134,10 @@ class ClassifyTask(LightningModule):
                 null keeps the encoder's.
             stride: Patch stride (int or [freq, time]); 10 gives the originals' overlapping
                 fine-tuning patches. Conv weights are kept; the position embedding is resized.
-            pooling: "mean" over patch tokens (the originals' ft_avgtok) or the "cls" token.
-            ignore_padding: "mean" averages only the patches that hold the clip's own
+            pooling: "mean" over patch tokens (the originals' ft_avgtok), "stats" (their
+                mean and standard deviation side by side: a head twice as wide) or the
+                "cls" token.
+            ignore_padding: "mean" and "stats" read only the patches that hold the clip's own
                 frames (the batch's `frames`), not the padding of clips shorter than the
                 window. False (the originals): every patch.
             mode: "finetune" trains everything; "linear" freezes the encoder (eval mode,
@@ -198,7 +200,7 @@ class ClassifyTask(LightningModule):
         # The mask embedding only serves masked pretraining: a trainable parameter that no
         # loss reaches would stop DDP ("parameters that were not used in producing the loss").
         self.encoder.mask_embed.requires_grad_(False)
-        dim = self.encoder.embed_dim
+        dim = self.encoder.pooled_dim(pooling)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         self.head_source = self._maybe_load_head(bundle)
         self.trained_features = bundle.features  # what the encoder was trained on, if known
@@ -227,7 +229,7 @@ class ClassifyTask(LightningModule):
         own = self.mlp_head.state_dict()
         stored = bundle.head
         if stored.keys() != own.keys() or any(stored[k].shape != own[k].shape for k in own):
-            self.mlp_head[0] = nn.LayerNorm(self.encoder.embed_dim)
+            self.mlp_head[0] = nn.LayerNorm(self.encoder.pooled_dim(self.hparams.pooling))
             return None
         self.mlp_head.load_state_dict(stored)
         return str(bundle.provenance.get("source"))
