@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_datamodules import crafted_json_clips, fsdd_clips, write_shard_folder
 from test_finetune import (
     FSDD,
     FSDD_LOSO,
@@ -229,3 +230,57 @@ def test_pretraining_without_a_logger_keeps_its_files_out_of_the_current_directo
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     assert (tmp_path / "runs" / "pretrain" / "fsdd_tiny_cpu" / "encoder.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def crafted_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 FSDD clips of one speaker (take 0 the test split) and, in the training shard,
+    three clips whose json is refused (10,000 levels deep; labels 5 and [["0"]])."""
+    clips = fsdd_clips(fsdd_dir, ["jackson"], [0, 5, 6])
+    crafted = crafted_json_clips(clips[-1].audio)
+    shards = {"test": [clips[:10]], "train": [clips[10:15] + crafted + clips[15:]]}
+    return write_shard_folder(tmp_path_factory.mktemp("crafted") / "shards", shards)
+
+
+def skipped_bad_json(log: str) -> set[str]:
+    """The clips the run logged as skipped for their json."""
+    return {
+        line.split(".tar:")[1].split(":")[0]
+        for line in log.splitlines()
+        if "skipped clip (bad_metadata)" in line and ".json refused" in line
+    }
+
+
+def test_pretraining_skips_and_counts_clips_whose_json_is_refused(
+    crafted_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = pretrain_main(
+        [
+            "--config",
+            str(PRETRAIN),
+            f"--data.sources=[{{shards: {crafted_shards}, splits: [train]}}]",
+            f"--data.val={{shards: {crafted_shards}, splits: [train]}}",
+            "--data.num_workers=0",
+            "--data.batch_size=4",
+            "--model.encoder.depth=2",
+            "--model.encoder.embed_dim=32",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+
+    assert code == 0
+    assert skipped_bad_json(caplog.text) == {"deep", "labels5", "nested_labels"}
+    assert list(tmp_path.rglob("encoder.pt"))
+
+
+def test_fine_tuning_skips_and_counts_clips_whose_json_is_refused(
+    crafted_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert finetune_main(["--config", str(FSDD), *quick(crafted_shards, tmp_path)]) == 0
+
+    assert skipped_bad_json(caplog.text) == {"deep", "labels5", "nested_labels"}
+    assert 0.0 <= results_of(tmp_path)["value"] <= 1.0

@@ -352,9 +352,7 @@ class LabelledDataModule(L.LightningDataModule):
         """Every label must be an id of labels.csv, and single-label clips have exactly one."""
         for clip in clips:
             name = f"{clip.shard}: clip {clip.meta.get('id', clip.key)!r}"
-            labels = clip.meta.get("labels", [])
-            if not isinstance(labels, list):
-                raise ValueError(f"{name} has labels {labels!r}, not a list")
+            labels = clip.meta.get("labels", [])  # a list of str (parse_sample_meta)
             if not self.multi_label and len(labels) != 1:
                 raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
             for label in labels:
