@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,62 @@ def test_fine_tuning_skips_and_counts_clips_whose_json_is_refused(
 
     assert skipped_bad_json(caplog.text) == {"deep", "labels5", "nested_labels"}
     assert 0.0 <= results_of(tmp_path)["value"] <= 1.0
+
+
+def pretrain_options(shards: Path, out: Path, *extra: str) -> list[str]:
+    """The CPU pretraining recipe on `shards`, a 2-layer 32-wide encoder, logs under `out`."""
+    return [
+        "--config",
+        str(PRETRAIN),
+        f"--data.sources=[{{shards: {shards}, splits: [train]}}]",
+        f"--data.val={{shards: {shards}, splits: [test]}}",
+        "--data.val_max_clips=8",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        "--model.encoder.depth=2",
+        "--model.encoder.embed_dim=32",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def truncate(path: Path) -> None:
+    """What a full disk during a non-atomic copy leaves: the first part of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_last_ckpt_resumes_from_the_newest_intact_checkpoint_or_stops_in_one_line(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "runs"
+    steps = ["--trainer.max_steps=2", "--trainer.val_check_interval=1"]
+    with monkeypatch.context() as patch:
+        # Checkpoints are staged beside their target, never in the system temp folder
+        # (a copy from there is not atomic across file systems): here there is none.
+        patch.setattr(tempfile, "tempdir", str(tmp_path / "no-temp-folder"))
+        assert pretrain_main(pretrain_options(subset_shards, out, *steps)) == 0
+    checkpoints = out / "fsdd_tiny_cpu" / "version_0" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    truncate(last)
+    capfd.readouterr()
+
+    resume = ["--trainer.max_steps=3", "--trainer.val_check_interval=1", "--ckpt_path=last"]
+    assert pretrain_main(pretrain_options(subset_shards, out, *resume)) == 0
+
+    err = capfd.readouterr().err
+    assert f"--ckpt_path last: {last} is damaged (truncated or not a checkpoint" in err
+    assert "; resuming from " in err and "best-step" in err and "Traceback" not in err
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in checkpoints.parent.parent.iterdir()) == ["version_0"]
+
+    for path in checkpoints.glob("*.ckpt"):
+        truncate(path)
+    assert pretrain_main(pretrain_options(subset_shards, out, *resume)) == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert f"{last} is damaged" in line and "holds no intact checkpoint" in line
