@@ -30,11 +30,12 @@ DIGITS = [str(d) for d in range(10)]
 
 @dataclass
 class FixtureClip:
-    """One sample to write: key, audio bytes (flac unless planted otherwise) and its json."""
+    """One sample to write: key, audio bytes (flac unless planted otherwise) and its json
+    (a dict, or the member's bytes as they are for crafted json)."""
 
     key: str
     audio: bytes | None
-    meta: dict[str, Any] | None = field(default_factory=dict)
+    meta: dict[str, Any] | bytes | None = field(default_factory=dict)
 
 
 def flac_bytes(wave: torch.Tensor) -> bytes:
@@ -92,7 +93,9 @@ def write_shard_folder(
                     if clip.audio is not None:
                         ext = "wav" if clip.audio.startswith(b"RIFF") else "flac"
                         sample[ext] = clip.audio
-                    if clip.meta is not None:
+                    if isinstance(clip.meta, bytes):
+                        sample["json"] = clip.meta
+                    elif clip.meta is not None:
                         sample["json"] = json.dumps(clip.meta).encode()
                     sink.write(sample)
             entries.append({"file": name, "clips": len(clips)})
@@ -254,6 +257,41 @@ def test_corrupt_clips_are_skipped_and_counted_not_fatal(tmp_path, fsdd16, caplo
     assert sum(dm.train_counter.totals().values()) > 0, "worker counters must reach the trainer"
     assert sum(dm.skipped().values()) == 4 + sum(dm.train_counter.totals().values())
     assert "nojson: missing or unparsable .json" in caplog.text
+
+
+def crafted_json_clips(audio: bytes) -> list[FixtureClip]:
+    """Clips whose json a reader must refuse: 10,000 levels deep, and labels that are no
+    list of strings (`5`, `[["zero"]]`)."""
+    deep = b'{"id": "deep", "labels": ["1"], "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    return [
+        FixtureClip("deep", audio, deep),
+        FixtureClip("labels5", audio, {"id": "labels5", "labels": 5}),
+        FixtureClip("nested_labels", audio, {"id": "nested_labels", "labels": [["0"]]}),
+    ]
+
+
+def test_json_too_deep_or_with_labels_not_strings_is_skipped_and_counted(tmp_path, fsdd16, caplog):
+    caplog.set_level("WARNING")
+    good = fsdd16[:8]
+    folder = write_shard_folder(
+        tmp_path / "s", {"train": [good[:4] + crafted_json_clips(good[0].audio) + good[4:]]}
+    )
+    pretrain = PretrainDataModule(
+        sources=[{"shards": str(folder)}], val={"shards": str(folder)}, batch_size=4,
+        steps_per_epoch=2, num_workers=0, target_length=16,
+    )  # fmt: skip
+    pretrain.setup("fit")
+    assert sorted(ids_of(pretrain.val_dataloader())) == sorted(c.key for c in good)
+    assert pretrain.val_counter.totals()["bad_metadata"] == 3
+    assert "deep: .json refused: nested 10001 levels deep" in caplog.text
+    assert "labels5: .json refused: labels 5: not a string or a list of strings" in caplog.text
+    labelled = LabelledDataModule(
+        shards=str(folder), batch_size=4, num_workers=0, target_length=16,
+        test_filter={"speaker": "theo"},
+    )  # fmt: skip
+    labelled.setup("fit")
+    assert sorted(ids_of(labelled.train_dataloader())) == sorted(c.key for c in good)
+    assert labelled.skipped()["bad_metadata"] == 3
 
 
 def test_missing_folder_and_split_errors_name_them(tmp_path, fsdd16):

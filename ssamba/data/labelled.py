@@ -476,9 +476,7 @@ def check_labels(
     have exactly one; ValueError names the shard, the clip and the label."""
     for clip in clips:
         name = f"{clip.shard}: clip {clip_id(clip)!r}"
-        labels = clip.meta.get("labels", [])
-        if not isinstance(labels, list):
-            raise ValueError(f"{name} has labels {labels!r}, not a list")
+        labels = clip.meta.get("labels", [])  # a list of str (parse_sample_meta)
         if not multi_label and len(labels) != 1:
             raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
         for label in labels:

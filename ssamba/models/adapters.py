@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.configs import dataclass_from_dict
+from ssamba.files import atomic_path
 from ssamba.models.transformer import TransformerBlock
 
 if TYPE_CHECKING:
@@ -339,7 +340,8 @@ def save_adapter_file(
         "stride": list(encoder.cfg.stride),
         **dict(extra or {}),
     }
-    torch.save(payload, path)
+    with atomic_path(path) as staged:
+        torch.save(payload, staged)
     return path
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ssamba.features import DATASET_STATS, FbankConfig
+from ssamba.files import atomic_path
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.official import (
     OFFICIAL_FINETUNE_STRIDE,
@@ -112,7 +113,8 @@ class EncoderFile:
             else {k: v.detach().cpu() for k, v in self.head.items()},
             "provenance": dict(self.provenance),
         }
-        torch.save(payload, path)
+        with atomic_path(path) as staged:
+            torch.save(payload, staged)
         return path
 
 

@@ -15,7 +15,10 @@ LightningModule, their DataModule and the Trainer method they call, so each is
 - `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder *in that
   same folder*, so TensorBoard curves and checkpoints continue rather than fork; with no
   checkpoint yet it starts from scratch (as Lightning's own "last"), so a launcher that
-  restarts a job can always pass it;
+  restarts a job can always pass it; a damaged `last.ckpt` (a full disk, a kill during a
+  copy) is named and the newest intact checkpoint of the same version folder taken
+  instead, or the run stops with one line;
+- checkpoints are written atomically (`AtomicCheckpointIO`, installed in every trainer);
 - with `run_cli`, a bad recipe fails before any training step with one line naming the
   key or path and exit code 2 (unknown keys and mistyped values are rejected by
   jsonargparse; values the classes reject raise `ValueError` / `FileNotFoundError` from
@@ -46,6 +49,9 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins import CheckpointIO
+
+from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
     "SETUP_ERRORS",
@@ -190,6 +196,31 @@ def find_last_checkpoint(run_root: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def intact_or_fallback(last: Path) -> Path:
+    """`last` when it is intact; else, saying so on stderr, the newest intact checkpoint
+    beside it (the same run's best or periodic ones); ValueError when there is none."""
+    damage = checkpoint_damage(last)
+    if damage is None:
+        return last
+    others = sorted(
+        (p for p in last.parent.glob("*.ckpt") if p != last),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    fallback = next((p for p in others if checkpoint_damage(p) is None), None)
+    if fallback is None:
+        raise ValueError(
+            f"--ckpt_path last: {last} is damaged ({damage}) and {last.parent} holds no "
+            "intact checkpoint to resume from instead; move it away to start from scratch"
+        )
+    print(
+        f"--ckpt_path last: {last} is damaged ({damage}); resuming from {fallback}, the "
+        "newest intact checkpoint of that run",
+        file=sys.stderr,
+    )
+    return fallback
+
+
 class SaveConfigOnStart(SaveConfigCallback):
     """Lightning's SaveConfigCallback, writing once fitting has started rather than at setup:
     a checkpoint restore that fails (a resume with another encoder) comes in between, and
@@ -283,6 +314,15 @@ class SsambaCLI(LightningCLI):
         for source, target in self._links:
             parser.link_arguments(source, target)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The recipe's Trainer, saving checkpoints with `AtomicCheckpointIO` unless the
+        recipe names a CheckpointIO plugin of its own."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{"plugins": plugins, **kwargs})
+
     def before_instantiate_classes(self) -> None:
         self._keep_files_out_of_the_current_directory()
         ckpt_path = self.config.get("ckpt_path")
@@ -290,6 +330,8 @@ class SsambaCLI(LightningCLI):
             self._resume_in_last_version()
         elif ckpt_path is not None and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: {ckpt_path} does not exist")
+        elif ckpt_path is not None and (damage := checkpoint_damage(ckpt_path)) is not None:
+            raise ValueError(f"--ckpt_path: {ckpt_path} is damaged ({damage})")
 
     def _keep_files_out_of_the_current_directory(self) -> None:
         """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
@@ -321,7 +363,7 @@ class SsambaCLI(LightningCLI):
             self.config.ckpt_path = None
             return
         init.version = last.parent.parent.name
-        self.config.ckpt_path = str(last)
+        self.config.ckpt_path = str(intact_or_fallback(last))
 
 
 def run_cli(

@@ -47,6 +47,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ssamba.data.labelled import LabelledDataModule
 from ssamba.data.loader import rank_batches
+from ssamba.files import atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
 from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.classify import ClassifyTask
@@ -157,10 +158,7 @@ def new_run_folder(root: Path) -> Path:
 
 
 def write_results(results: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_NAME
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+    return atomic_write_text(directory / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
 
 
 def append_index(root: Path, results: dict[str, Any], path: Path) -> None:
