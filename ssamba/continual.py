@@ -53,8 +53,7 @@ import torch
 import yaml
 from torch import nn
 
-from ssamba.models.adapters import load_adapter_file
-from ssamba.models.encoder_file import EncoderFile, load_encoder_file
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file, read_checkpoint
 
 PROG = "ssamba continual"
 METHODS = ("adapter", "finetune", "linear")
@@ -135,7 +134,7 @@ def train_task(
     best = (
         trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
     )
-    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(best)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), data
@@ -196,7 +195,7 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
         row = []
         for j in range(i + 1):
             if method == "adapter":  # task j's adapters, reloaded onto the shared encoder
-                bundle = load_adapter_file(folder / f"{tasks[j]['name']}.pt", base=init)
+                bundle = load_encoder_file(folder / f"{tasks[j]['name']}.pt", base=init)
                 encoder, head = bundle.encoder, _head(bundle.head)
             else:  # linear: the frozen encoder; finetune: the encoder as it is now
                 encoder, head = model.encoder, _head(heads[j])
@@ -204,7 +203,7 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
         print(f"   {method} after {name!r}: " + ", ".join(f"{a:.4f}" for a in row), flush=True)
         matrix.append(row)
     if method == "adapter":  # the shared encoder must be the one every file refers to
-        load_adapter_file(folder / f"{tasks[0]['name']}.pt", base=init)
+        load_encoder_file(folder / f"{tasks[0]['name']}.pt", base=init)
     return summarise(matrix, trainable, fraction, (time.perf_counter() - start) / 60)
 
 

@@ -21,7 +21,7 @@ Deliberate differences from the originals, each documented where it happens:
 `mode: adapter` (with an `adapter:` section, `ssamba.models.adapters.AdapterConfig`)
 freezes the encoder and trains adapters or LoRA plus the head; its result is an adapter
 file (`adapters.pt` beside the run's `encoder.pt`: adapters, head, labels and the base
-encoder's path and weights checksum), which `load_adapter_file` puts back on that encoder.
+encoder's path and weights checksum), which `load_encoder_file` puts back on that encoder.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ from lightning.pytorch.plugins import CheckpointIO
 
 from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
+from ssamba.models.encoder_file import read_checkpoint
+
 __all__ = [
     "SETUP_ERRORS",
     "SsambaCLI",
@@ -156,8 +158,8 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if not Path(path).is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint, or not tensors only
+        payload = read_checkpoint(path, mmap=True)
+    except (OSError, ValueError):  # not a zip checkpoint, or not tensors only
         return None
     return payload if isinstance(payload, dict) else None
 
