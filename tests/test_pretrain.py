@@ -234,6 +234,22 @@ def fsdd_fbank(fsdd_dir: Path) -> torch.Tensor:
     return torch.stack([wav_to_fbank(w, 16000, cfg) for w in waves])
 
 
+def test_plateau_counts_evaluations_inside_the_warm_up_as_the_originals(fsdd_fbank):
+    """The originals' ReduceLROnPlateau sees every evaluation, those during warm-up too."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    task = _tiny_task(warmup_steps=1000, schedule="plateau")
+    batch = {"fbank": fsdd_fbank[:2], "frames": torch.tensor([64, 64]), "id": ["a", "b"]}
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.validate(task, DataLoader([batch], batch_size=None), verbose=False)
+
+    assert task.global_step == 0  # inside the warm-up
+    assert task.plateau.best == pytest.approx(trainer.callback_metrics["val/acc"].item())
+
+
 def test_masked_patches_are_hidden_from_the_encoder(fsdd_fbank):
     task = _tiny_task().eval()
     mask = make_mask(4, task.encoder.grid, 10, (2, 3), torch.Generator().manual_seed(0))

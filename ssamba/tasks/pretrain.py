@@ -423,9 +423,9 @@ class PretrainTask(LightningModule):
         # Every clip has n_masked_val predictions, so the clip mean is the masked accuracy.
         if "acc" in means:
             self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
-        # Like the originals, the plateau schedule reacts to each evaluation after warm-up
-        # (to the masked accuracy; the teacher-student objective has its loss instead).
-        if not self.trainer.sanity_checking and self.global_step >= self.hparams.warmup_steps:
+        # Like the originals' ReduceLROnPlateau, every evaluation counts, those inside the
+        # warm-up too (the masked accuracy; the teacher-student objective has its loss).
+        if not self.trainer.sanity_checking:
             self.plateau.step(means["acc"] if "acc" in means else -means["loss"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
