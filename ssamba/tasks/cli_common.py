@@ -51,9 +51,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO
 
-from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
-
 from ssamba.models.encoder_file import read_checkpoint
+from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
     "SETUP_ERRORS",
