@@ -77,7 +77,7 @@ def test_a_program_that_disagrees_with_eager_is_not_written(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [source]
 
 
-def test_onnx_export_matches_eager_or_says_why_not(tmp_path, capsys):
+def test_onnx_export_runs_and_matches_eager(tmp_path, capsys):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     source = write_small_encoder(tmp_path / "encoder.pt", family="ssamba")
@@ -86,7 +86,5 @@ def test_onnx_export_matches_eager_or_says_why_not(tmp_path, capsys):
     code = main([str(source), str(out), "--format", "onnx"])
 
     output = capsys.readouterr()
-    if code == 0:
-        assert out.is_file() and "max abs diff" in output.out
-    else:  # one line saying the scan cannot be expressed, and no file
-        assert "could not be expressed in ONNX" in output.err and not out.exists()
+    assert code == 0, output.err  # an export that fails is a failure, whatever it says
+    assert out.is_file() and "max abs diff" in output.out
