@@ -63,7 +63,7 @@ def test_finetuning_on_two_processes_writes_one_result_and_one_encoder_file(
 
     assert "distributed_backend=gloo" in err and "Starting with 2 processes" in err
     assert not any(notice in err for notice in QUIET_NOTICES)
-    assert [p.name for p in out.glob("run-*")] == ["run-1"]
+    assert [p.name for p in out.glob("run-*")] == ["run-0"]
     assert len((out / "index.jsonl").read_text().splitlines()) == 1
     results = results_of(out)
     clips = results["clips"]["-"]

@@ -129,7 +129,7 @@ def load_encoder_file(
     the file, what it is and what to do.
     """
     path = Path(path)
-    payload = _read_weights_only(path)
+    payload = read_weights_only(path)
     if not isinstance(payload, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(payload).__name__}, not a checkpoint (expected an encoder "
@@ -147,13 +147,17 @@ def load_encoder_file(
     return _from_official(payload, path, source_stride)
 
 
-def _read_weights_only(path: Path) -> Any:
+def read_weights_only(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load with `weights_only=True`, every failure as a one-line CheckpointError
+    (pickled code named, never torch's advice to load it with `weights_only=False`).
+    `mmap`: map the tensors rather than read them (zip checkpoints only), for a cheap look."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found:  # an object the weights-only unpickler will not build
@@ -163,13 +167,22 @@ def _read_weights_only(path: Path) -> Any:
                 f"run; ssamba reads only tensors and plain containers (encoder files, "
                 f"checkpoints of ssamba's tasks, official .pth files)"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(err)})") from None
     except Exception as err:  # torch.load of arbitrary bytes fails in many ways
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)})") from None
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _reason(err: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler stopped at, without torch's paragraphs around it
+    (which advise loading the file with `weights_only=False`)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    advice = ("Weights only load failed", "Check the documentation of torch.load")
+    found = [line for line in lines if not line.startswith(advice)]
+    return found[0] if found else "not tensors and plain containers only"
 
 
 # ---------------------------------------------------------------------------- our file
