@@ -33,7 +33,6 @@ def test_every_split_option_is_one_label_efficiency_accepts(budget: demo.Budget)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
 def test_quick_demo_runs_every_stage_and_reports_both_splits(
     fsdd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

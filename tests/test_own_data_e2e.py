@@ -88,7 +88,6 @@ def test_the_readme_shows_these_commands() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_own_data_from_a_csv_list_to_embeddings(
     fsdd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
