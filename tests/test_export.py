@@ -60,7 +60,6 @@ def test_exported_program_runs_without_ssamba_and_matches_eager(family, tmp_path
         capture_output=True,
         text=True,
         cwd=tmp_path,  # not the repository: ssamba must not be found by accident
-        timeout=300,
     )
     assert check.returncode == 0, check.stdout + check.stderr
 

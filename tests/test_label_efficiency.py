@@ -268,7 +268,6 @@ def test_bad_input_stops_with_one_line_before_any_training(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one(shards, tmp_path):
     # with the padding of short clips left out everywhere (the default path runs in
     # test_demo): pretraining's masks and losses, the probes' and fine-tunes' pooling

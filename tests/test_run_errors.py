@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from test_finetune import (
 
 from ssamba.tasks.cli_common import QUIET_NOTICES, quiet_lightning
 from ssamba.tasks.evaluate_cli import main as evaluate_main
+from ssamba.tasks.finetune_cli import latest_results
 from ssamba.tasks.finetune_cli import main as finetune_main
 from ssamba.tasks.pretrain_cli import main as pretrain_main
 
@@ -344,3 +346,66 @@ def test_a_truncated_last_ckpt_resumes_from_the_newest_intact_checkpoint_or_stop
     assert pretrain_main(pretrain_options(subset_shards, out, *resume)) == 2
     (line,) = error_lines(capfd.readouterr().err)
     assert f"{last} is damaged" in line and "holds no intact checkpoint" in line
+
+
+def test_a_resume_of_last_never_takes_another_mode_s_checkpoint(
+    short_run: Path, subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(short_run, out)
+    version = out / "fsdd" / "version_0"
+    saved = (version / "config.yaml").read_bytes()
+    linear = [*quick(subset_shards, out), "--model.mode=linear", "--ckpt_path=last"]
+
+    assert finetune_main(["--config", str(FSDD), *linear]) == 2
+
+    (line,) = error_lines(capfd.readouterr().err)
+    assert f"--ckpt_path last: no run under {out / 'fsdd'} is this one" in line
+    assert "model.mode 'finetune' there, 'linear' here" in line
+    assert (version / "config.yaml").read_bytes() == saved
+    assert sorted(p.name for p in (out / "fsdd").iterdir()) == ["version_0"]
+
+
+def test_a_fine_tuning_run_s_results_and_logs_carry_the_same_number(
+    short_run: Path, subset_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(short_run, out)
+    assert (out / "run-0" / "results.json").is_file()
+
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out)]) == 0
+
+    assert sorted(p.name for p in (out / "fsdd").iterdir()) == ["version_0", "version_1"]
+    assert latest_results(out) == out / "run-1" / "results.json"
+    assert Path(results_of(out)["checkpoint"]["-"]).parent.parent.name == "version_1"
+
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_ckpt_path_is_refused_in_one_line_leaving_no_folder(
+    short_run: Path, subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    real = torch.load(results_of(short_run)["checkpoint"]["-"], weights_only=True)
+    crafted, marker = tmp_path / "crafted.ckpt", tmp_path / "ran"
+    torch.save({**real, "x": _RunsCode(marker)}, crafted)
+    out = tmp_path / "run"
+
+    code = finetune_main(
+        ["--config", str(FSDD), *quick(subset_shards, out), f"--ckpt_path={crafted}"]
+    )
+
+    assert code == 2
+    err = capfd.readouterr().err
+    (line,) = error_lines(err)
+    assert f"--ckpt_path {crafted}: refused: it holds pickled Python code (posix.system)" in line
+    assert "weights_only" not in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not list(out.rglob("version_*"))

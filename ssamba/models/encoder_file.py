@@ -213,13 +213,22 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> Any:
                 f"run; ssamba reads only tensors and plain containers (encoder files, "
                 f"checkpoints of ssamba's tasks, official .pth files)"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(err)})") from None
     except Exception as err:  # torch.load of arbitrary bytes fails in many ways
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)})") from None
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _reason(err: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler stopped at, without torch's paragraphs around it
+    (which advise loading the file with `weights_only=False`)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    advice = ("Weights only load failed", "Check the documentation of torch.load")
+    found = [line for line in lines if not line.startswith(advice)]
+    return found[0] if found else "not tensors and plain containers only"
 
 
 # ---------------------------------------------------------------------------- our file

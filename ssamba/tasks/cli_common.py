@@ -12,8 +12,9 @@ LightningModule, their DataModule and the Trainer method they call, so each is
   (`model.encoder: ../model/ssamba_tiny.yaml`, relative to the recipe), and dotted
   options (`--model.encoder.depth 2`) edit single fields of it, in every command alike;
   `--print_config` prints the merged values, a recipe that runs as it is;
-- `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder *in that
-  same folder*, so TensorBoard curves and checkpoints continue rather than fork; with no
+- `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder whose run
+  is this one (`RUN_KEYS` equal in its config.yaml: task, mode, init, data) *in that
+  same folder*, and refuses in one line when every one there is another run's, so TensorBoard curves and checkpoints continue rather than fork; with no
   checkpoint yet it starts from scratch (as Lightning's own "last"), so a launcher that
   restarts a job can always pass it; a damaged `last.ckpt` (a full disk, a kill during a
   copy) is named and the newest intact checkpoint of the same version folder taken
@@ -25,7 +26,9 @@ LightningModule, their DataModule and the Trainer method they call, so each is
   their constructors, the Trainer a `MisconfigurationException`);
 - the run's config.yaml is written once training has started, and a `--ckpt_path` whose
   weights do not fit the model (another encoder size) is refused before that, with one
-  line naming the tensors, so a resume that fails leaves the folder as it was;
+  line naming the tensors, so a resume that fails leaves the folder as it was; a
+  checkpoint holding anything but tensors and plain containers is refused the same way
+  (it is read with `weights_only=True`, as Lightning's restore then reads it again);
 - `--trainer.logger false` without `trainer.default_root_dir` keeps the run's files in
   `<default_root>/<recipe name>` rather than the current directory;
 - `--help` shows the command's description as written (examples one per line), and
@@ -69,6 +72,23 @@ __all__ = [
 SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
 
 LAST = "last"
+# The settings that make a run the same run: `--ckpt_path last` resumes only a version
+# folder whose config.yaml has these as the command line does (a linear probe's
+# last.ckpt fits a fine-tune's model, and Lightning would fail late, or worse, go on).
+# Steps, devices and the encoder are left out: the first two may change on a resume,
+# and an encoder that does not fit is named tensor by tensor by `check_resume`.
+RUN_KEYS = (
+    "task",
+    "model.mode",
+    "model.init",
+    "model.objective",
+    "data.shards",
+    "data.sources",
+    "data.features",
+    "data.fold",
+    "data.test_filter",
+    "data.labels_per_class",
+)
 DEFAULTS_KEY = "defaults"
 CONFIG_FLAGS = ("--config", "-c")
 
@@ -168,9 +188,14 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
     before config.yaml is rewritten), naming the tensors; Lightning would fail later,
     with a traceback, after the run folder was touched. Keys are checked only where
     Lightning's own restore is strict."""
-    payload = peek_checkpoint(ckpt_path) if ckpt_path is not None else None
-    if payload is None:  # missing, or unreadable here: Lightning's restore reports it
+    if ckpt_path is None:
         return
+    try:
+        payload = read_checkpoint(ckpt_path, mmap=True)
+    except ValueError as error:  # pickled code, or not a checkpoint: one line, nothing run
+        raise ValueError(f"--ckpt_path {error}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (not a dict)")
     stored = payload.get("state_dict")
     if not isinstance(stored, dict):
         raise ValueError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)")
@@ -191,10 +216,45 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
         )
 
 
-def find_last_checkpoint(run_root: Path) -> Path | None:
-    """Newest `<run_root>/<version>/checkpoints/last.ckpt`, or None when nothing was saved."""
-    candidates = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+def find_last_checkpoint(run_root: Path, config: dict[str, Any]) -> Path | None:
+    """Newest `<run_root>/<version>/checkpoints/last.ckpt` of the run `config` describes
+    (see `RUN_KEYS`); None when nothing was saved under `run_root`, ValueError naming the
+    difference when every last.ckpt there is another run's."""
+    candidates = sorted(
+        run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for last in candidates:
+        if not run_differences(last.parent.parent / "config.yaml", config):
+            return last
+    if not candidates:
+        return None
+    differences = "; ".join(run_differences(candidates[0].parent.parent / "config.yaml", config))
+    raise ValueError(
+        f"--ckpt_path last: no run under {run_root} is this one (newest: {candidates[0]}, "
+        f"{differences}); pass a checkpoint file to --ckpt_path, or leave it out to start "
+        "a new run"
+    )
+
+
+def run_differences(saved_config: Path, config: dict[str, Any]) -> list[str]:
+    """How the run whose config.yaml is `saved_config` differs from `config` in
+    `RUN_KEYS` ("model.mode 'linear' there, 'finetune' here"); [] for the same run."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (OSError, yaml.YAMLError):
+        return [f"{saved_config} unreadable"]
+    differences = []
+    for key in RUN_KEYS:
+        there, here = _dotted(saved, key), _dotted(config, key)
+        if there != here:
+            differences.append(f"{key} {there!r} there, {here!r} here")
+    return differences
+
+
+def _dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def intact_or_fallback(last: Path) -> Path:
@@ -354,7 +414,8 @@ class SsambaCLI(LightningCLI):
                 "(the run folder to search); pass a checkpoint path instead"
             )
         run_root = Path(str(init.save_dir)) / str(init.get("name") or "lightning_logs")
-        last = find_last_checkpoint(run_root)
+        dumped = self.parser.dump(self.config, skip_none=False, skip_validation=True)
+        last = find_last_checkpoint(run_root, yaml.safe_load(dumped))
         if last is None:
             print(
                 f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root} yet; "
