@@ -19,8 +19,10 @@ ops (`ssamba::selective_scan`, `ssamba::causal_conv1d_silu`), then those ops are
 decomposed into plain ATen ops (`scan_decomposition`, `conv_decomposition`), so the file
 runs wherever torch does. Before anything is written, the program's outputs are compared
 with the eager encoder's on random features; a file whose largest difference exceeds
-`TOLERANCE` is refused. The feature settings go alongside in `OUT.json` (the FbankConfig,
-so users can compute the inputs, and the input and output shapes).
+`TOLERANCE` is refused. `OUT.json` goes alongside: the complete input recipe (sample rate,
+DC removal, the Kaldi filterbank options, frames, padding rule, the normalisation
+`(x - mean) / (2 * std)` with its constants), where each time step of the tokens lies,
+and the input and output shapes; docs/export.md turns it into a few lines of torchaudio.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssamba.embed import Windowing, trained_features
+from ssamba.features import FbankConfig, kaldi_options
 from ssamba.models.encoder import AudioEncoder
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
@@ -317,17 +323,82 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def input_recipe(bundle: EncoderFile) -> dict[str, Any]:
+    """How to compute the program's input from a waveform, step by step, with every
+    constant: what `ssamba embed` does for a clip of at most one window (docs/export.md)."""
+    cfg = bundle.encoder.cfg
+    fbank = _inference_features(bundle)
+    return {
+        "sample_rate": fbank.sample_rate,
+        "channels": "mono: average the channels",
+        "steps": [
+            "remove DC: subtract the waveform's mean",
+            f"torchaudio.compliance.kaldi.{fbank.kind}(wave[None], **kaldi) -> (frames, "
+            f"{fbank.feature_dim})",
+            f"pad or cut to {cfg.input_frames} frames (padding rule below; a longer clip: "
+            "keep the first frames, or cut it into windows as `ssamba embed` does)",
+            "normalise: (x - mean) / (2 * std)",
+        ],
+        "features": fbank.kind,
+        "kaldi": kaldi_options(fbank),
+        "frames": cfg.input_frames,
+        "padding": fbank.pad,
+        "padding_rule": PADDING_RULES[fbank.pad],
+        "normalisation": {
+            "formula": "(x - mean) / (2 * std)",
+            "mean": fbank.mean,
+            "std": fbank.std,
+        },
+        "assumed": bundle.features is None,
+    }
+
+
+def _inference_features(bundle: EncoderFile) -> FbankConfig:
+    """The features `ssamba embed` computes for this encoder (the pretraining defaults
+    when the file records none: export's own note says so once, hence no warning here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trained_features(bundle)
+
+
+# The two `FbankConfig.pad` rules, said for users of an exported file.
+PADDING_RULES = {
+    "zeros": "append frames of 0 (log-mel domain, before normalising)",
+    "floor": "append copies of each bin's minimum over the clip's own frames (before normalising)",
+}
+
+
+def time_steps(bundle: EncoderFile) -> dict[str, Any]:
+    """Where each time step of the tokens lies, to pool only steps inside a short clip as
+    `ssamba embed` does: patch tokens are frequency-major (index = f * T + t)."""
+    encoder = bundle.encoder
+    windowing = Windowing.for_encoder(encoder, _inference_features(bundle))
+    first = torch.arange(encoder.grid[1]) * windowing.stride_frames
+    return {
+        "prefix_tokens": {"count": encoder.cfg.prefix_tokens, "start": encoder.prefix_start},
+        "grid": list(encoder.grid),
+        "centres_ms": windowing.centre_ms(first).tolist(),
+        "rule": "a clip's embedding averages the time steps whose centre is before the "
+        "clip's end (at least the first), each the mean of its frequency patches",
+    }
+
+
 def _sidecar(bundle: EncoderFile, fmt: str, diff: float) -> dict:
     cfg = bundle.encoder.cfg
     tokens = cfg.prefix_tokens + bundle.encoder.num_patches
     return {
         "format": fmt,
-        "input": {"name": "fbank", "shape": ["batch", cfg.input_frames, cfg.num_mel_bins]},
+        "input": {
+            "name": "fbank",
+            "shape": ["batch", cfg.input_frames, cfg.num_mel_bins],
+            "recipe": input_recipe(bundle),
+        },
         "outputs": {
             "embedding": ["batch", cfg.embed_dim],
             "tokens": ["batch", tokens, cfg.embed_dim],
         },
         "pooling": "mean of the patch tokens",
+        "time_steps": time_steps(bundle),
         "prefix_tokens": {"count": cfg.prefix_tokens, "start": bundle.encoder.prefix_start},
         "features": None if bundle.features is None else bundle.features.for_inference().to_dict(),
         "encoder": cfg.to_dict(),

@@ -117,6 +117,25 @@ class FbankConfig:
         return 1 + (num_samples - self.frame_length_samples) // shift
 
 
+def kaldi_options(cfg: FbankConfig) -> dict[str, Any]:
+    """Keyword arguments of `torchaudio.compliance.kaldi.fbank` (or `.mfcc` for kind mfcc)
+    that `wav_to_fbank` passes: the originals' settings (also written into exported models'
+    input recipes)."""
+    options: dict[str, Any] = dict(
+        sample_frequency=cfg.sample_rate,
+        htk_compat=True,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=cfg.num_mel_bins,
+        dither=0.0,
+        frame_shift=cfg.frame_shift_ms,
+        frame_length=cfg.frame_length_ms,
+    )
+    if cfg.kind == "mfcc":
+        options["num_ceps"] = cfg.num_ceps
+    return options
+
+
 def wav_to_fbank(
     wave: torch.Tensor,
     sr: int,
@@ -145,20 +164,10 @@ def wav_to_fbank(
         )
     wave = wave.float()
     wave = (wave - wave.mean()).unsqueeze(0)  # DC removal, then Kaldi wants (channels, samples)
-    common = dict(
-        sample_frequency=sr,
-        htk_compat=True,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=cfg.num_mel_bins,
-        dither=0.0,
-        frame_shift=cfg.frame_shift_ms,
-        frame_length=cfg.frame_length_ms,
-    )
     if cfg.kind == "mfcc":
-        feats = torchaudio.compliance.kaldi.mfcc(wave, num_ceps=cfg.num_ceps, **common)
+        feats = torchaudio.compliance.kaldi.mfcc(wave, **kaldi_options(cfg))
     else:
-        feats = torchaudio.compliance.kaldi.fbank(wave, **common)
+        feats = torchaudio.compliance.kaldi.fbank(wave, **kaldi_options(cfg))
     if cfg.target_length is None:
         return feats
     return pad_or_crop(feats, cfg.target_length, crop or cfg.crop, generator=generator, pad=cfg.pad)

@@ -319,7 +319,8 @@ def save_adapter_file(
 ) -> Path:
     """Write adapters + head + labels + base reference; `base`: {"path", "sha256", "config"}
     (the base encoder's file and weights as loaded, before any resize), `extra`: geometry
-    ("input_frames", "stride"), "pooling" and "ignore_padding" needed to rebuild the classifier."""
+    ("input_frames", "stride"), "pooling", "ignore_padding" and "multilabel" needed to
+    rebuild the classifier."""
     if getattr(encoder, "adapters", None) is None:
         raise ValueError("save_adapter_file: the encoder has no adapters")
     path = Path(path)

@@ -12,7 +12,8 @@ head) with nothing but the file, as BEATs' checkpoints do. `torch.save` of:
      "head": state dict of `ClassifyTask.mlp_head` (LayerNorm `0.*` + Linear `1.*`;
              a bare Linear `1.*` for AuM's classifier), or None,
      "head_settings": {"pooling": how tokens are pooled before the head,
-                       "ignore_padding": whether only the clip's own patches are pooled},
+                       "ignore_padding": whether only the clip's own patches are pooled,
+                       "multilabel": sigmoid per class (True) or softmax over classes},
      "adapters": {"config": AdapterConfig fields, "state_dict": their weights}, or None,
      "provenance": {"kind": what the weights came from, "source": its path,
                     "step": optimizer step, ...}}
@@ -71,7 +72,8 @@ class EncoderFile:
     features: None when the source does not say (official AuM and fine-tuned files);
     consumers then choose a documented fallback and say so. head: state dict of the
     classifier (`ClassifyTask.mlp_head` keys), labels: its class names; pooling and
-    ignore_padding: how the head's input is pooled from the tokens (`AudioEncoder.pool`).
+    ignore_padding: how the head's input is pooled from the tokens (`AudioEncoder.pool`);
+    multilabel: the head scores each class alone (sigmoid), else one of them (softmax).
     The encoder may carry adapters (`encoder.adapters`); they are part of the classifier.
     """
 
@@ -82,6 +84,7 @@ class EncoderFile:
     provenance: dict[str, Any] = field(default_factory=dict)
     pooling: str = "mean"
     ignore_padding: bool = False
+    multilabel: bool = False
 
     def __post_init__(self) -> None:
         if self.features is not None and self.features.feature_dim != self.encoder.cfg.num_mel_bins:
@@ -133,7 +136,11 @@ class EncoderFile:
             "features": None if self.features is None else self.features.for_inference().to_dict(),
             "labels": None if self.labels is None else list(self.labels),
             "head": None if self.head is None else _cpu(self.head),
-            "head_settings": {"pooling": self.pooling, "ignore_padding": self.ignore_padding},
+            "head_settings": {
+                "pooling": self.pooling,
+                "ignore_padding": self.ignore_padding,
+                "multilabel": self.multilabel,
+            },
             "adapters": None
             if adapters is None
             else {
@@ -260,6 +267,7 @@ def _from_encoder_file(payload: Mapping[str, Any], path: Path) -> EncoderFile:
         provenance,
         pooling=str(settings.get("pooling", "mean")),
         ignore_padding=bool(settings.get("ignore_padding", False)),
+        multilabel=bool(settings.get("multilabel", False)),
     )
 
 
@@ -314,6 +322,7 @@ def _from_adapter_file(
         {"kind": "adapter file", "source": str(path), "base": dict(recorded)},
         pooling=str(payload.get("pooling", "mean")),
         ignore_padding=bool(payload.get("ignore_padding", False)),
+        multilabel=bool(payload.get("multilabel", False)),
     )
 
 
@@ -375,6 +384,7 @@ def _from_lightning(ckpt: Mapping[str, Any], path: Path) -> EncoderFile:
         provenance,
         pooling=str(hparams.get("pooling") or "mean"),
         ignore_padding=bool(hparams.get("ignore_padding", False)),
+        multilabel=bool(hparams.get("multilabel", False)),
     )
 
 

@@ -481,7 +481,11 @@ class ClassifyTask(LightningModule):
             self.base_reference,
             labels=None if names is None else list(names),
             features=fbank.for_inference().to_dict() if isinstance(fbank, FbankConfig) else None,
-            extra={"pooling": self.hparams.pooling, "ignore_padding": self.hparams.ignore_padding},
+            extra={
+                "pooling": self.hparams.pooling,
+                "ignore_padding": self.hparams.ignore_padding,
+                "multilabel": self.hparams.multilabel,
+            },
         )
 
 
