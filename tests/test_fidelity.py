@@ -33,13 +33,14 @@ def test_faithful_pretraining_recipes_mask_warm_up_and_compute_as_the_originals(
     recipe: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = printed_config(pretrain_main, recipe, capsys)
-    model = config["model"]
-    assert (model["masking"], model["warmup"], model["warmup_steps"]) == (
+    objective = config["model"]["objective"]["init_args"]
+    schedule = config["model"]["schedule"]
+    assert (objective["masking"], schedule["warmup"], schedule["warmup_steps"]) == (
         "original",
         "staircase",
         1000,
     )
-    assert model["schedule"] == "plateau" and model["nce_axis"] == "original"
+    assert schedule["kind"] == "plateau" and objective["nce_axis"] == "original"
     assert config["trainer"]["precision"] == "32-true"  # the originals never used autocast
 
 

@@ -269,14 +269,13 @@ def test_bad_input_stops_with_one_line_before_any_training(
 
 @pytest.mark.slow
 def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one(shards, tmp_path):
-    # with the padding of short clips left out everywhere (the default path runs in
-    # test_demo): pretraining's masks and losses, the probes' and fine-tunes' pooling
+    # with the padding of short clips left out of the probes' and fine-tunes' pooling
+    # (the default path runs in test_demo)
     out = tmp_path / "le"
     pretrain = (
         "--trainer.max_steps=6 --trainer.val_check_interval=6 --model.encoder.depth=2 "
         "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=16 "
-        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false "
-        "--model.ignore_padding=true"
+        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
     )
     code = run(
         "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",

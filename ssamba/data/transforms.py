@@ -55,7 +55,7 @@ def batch_features(
     """Filterbanks of a list of waves: (batch, target_length, bins), frames (batch,), indices kept.
 
     `frames` counts each clip's own frames, at most `target_length`: the rest of its window
-    is padding, which tasks with `ignore_padding` keep out of masking, losses and pooling.
+    is padding, which ClassifyTask with `ignore_padding` keeps out of pooling.
     A wave whose filterbank is not finite is left out (its index missing from the list),
     so the caller can count it; `train` applies SpecAugment / noise as `cfg` says.
     """

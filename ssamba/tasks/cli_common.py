@@ -4,7 +4,7 @@
 LightningModule, their DataModule and the Trainer method they call, so each is
 `run_cli(TaskClass, DataClass, argv, ...)`. Shared behaviour lives here:
 
-- recipes are YAML read with `parser_mode="omegaconf"` (so `${model.n_masked}` style
+- recipes are YAML read with `parser_mode="omegaconf"` (so `${model.lr}` style
   interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
   ../data/asli.yaml]` (paths relative to the recipe) applies those files first, in order,
   then the recipe's own keys on top, key by key, like repeated `--config` options;

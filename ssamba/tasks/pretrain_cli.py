@@ -8,11 +8,11 @@
         (dotted options edit one field of the recipe's encoder piece)
 
 A recipe has three sections: `model:` (PretrainTask: encoder piece from recipes/model/,
-masking, loss weights, optimiser and schedule), `data:` (PretrainDataModule: shard
+the objective, optimiser and schedule), `data:` (PretrainDataModule: shard
 folders, mixing weights, batch size, crop length; the model's input length follows
 `data.target_length`) and `trainer:` (Lightning Trainer: steps, precision, devices,
 logger, checkpoints). Any key can be overridden on the command line, e.g.
-`--model.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`; a bad key or
+`--model.objective.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`; a bad key or
 value stops the run before any step with one line naming it (exit code 2).
 
 Checkpoints go to `<logger folder>/checkpoints/`: last.ckpt at every validation and the
@@ -33,9 +33,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jsonargparse import set_parsing_settings
+
 from ssamba.data.pretrain import PretrainDataModule
 from ssamba.tasks.cli_common import run_cli
-from ssamba.tasks.pretrain import PretrainTask
+from ssamba.tasks.objectives.eat import EATConfig
+from ssamba.tasks.pretrain import MSPMConfig, PretrainTask
 
 PROG = "ssamba pretrain"
 # Where a run with `--trainer.logger false` (and no trainer.default_root_dir) keeps its
@@ -45,6 +48,9 @@ DEFAULT_ROOT = "runs/pretrain"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one pretraining recipe; returns the exit code (2 for a bad recipe)."""
+    # The objective's configs parse like classes: a recipe picks one by `class_path`,
+    # dotted options edit the chosen one's fields, and printed configs name it.
+    set_parsing_settings(subclasses_enabled=[MSPMConfig, EATConfig])
     return run_cli(
         PretrainTask,
         PretrainDataModule,
