@@ -168,10 +168,13 @@ def log_root(config: Namespace) -> Path | None:
     return Path(str(init["save_dir"])) / str(init.get("name") or "lightning_logs")
 
 
-def new_run_folder(root: Path, number: int) -> Path:
-    """`root/run-<number>`, or the next free number when another run took it meanwhile;
-    created here (so two runs never share one)."""
+def new_run_folder(root: Path, number: int | None = None) -> Path:
+    """`root/run-<number>` (default: one past the highest taken), or the next free number
+    when another run took it meanwhile; created here (so two runs never share one)."""
     root.mkdir(parents=True, exist_ok=True)
+    if number is None:
+        taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
+        number = max(taken, default=0) + 1
     while True:
         folder = root / f"run-{number}"
         try:
