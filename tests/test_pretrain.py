@@ -25,7 +25,6 @@ import yaml
 from test_datamodules import fsdd_clips, write_shard_folder
 
 from ssamba.audio import load_audio
-from ssamba.demo import pretrain_data_args
 from ssamba.features import FbankConfig, wav_to_fbank
 from ssamba.models.encoder import EncoderConfig
 from ssamba.tasks import pretrain_cli
@@ -39,6 +38,17 @@ TINY = EncoderConfig(family="ssamba", depth=2, embed_dim=64)
 # The recipe with a tiny-but-real encoder: 2 bidirectional Mamba layers (one flipped pair)
 # of width 64 over the recipe's 8 x 4 patch grid; ~140 k parameters with the heads.
 TINY_ARGS = ["--model.encoder.depth=2", "--model.encoder.embed_dim=64"]
+
+
+def pretrain_data_args(shards: Path, out: Path) -> list[str]:
+    """Point a recipe at test shards (training split; test split for validation) and a
+    test output folder."""
+    return [
+        f"--data.sources=[{{shards: {shards}, splits: [train]}}]",
+        f"--data.val={{shards: {shards}, splits: [test]}}",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+    ]
 
 
 # ------------------------------------------------------------------------------ InfoNCE
