@@ -13,8 +13,12 @@ A continual recipe (YAML) names the shared encoder, the methods and the tasks in
       adapter: {model.lr: 1.0e-2}
     tasks:
       - name: digit                          # unique: results are keyed by it
-        recipe: ../finetune/fsdd.yaml        # a fine-tuning recipe (relative to this file)
+        recipe: recipes/finetune/fsdd.yaml   # a fine-tuning recipe
         overrides: {data.shards: work/shards/fsdd}
+
+Every path in it (init, the task recipes, shard folders) is relative to the current
+directory, as on the command line. `--max-epochs` / `--max-steps` override every task's
+training length (after the recipe's overrides).
 
 Each task is its fine-tuning recipe with the overrides, parsed by `ssamba finetune`'s CLI
 (so every key is checked), with its own label set and head. The task identity is known at
@@ -26,8 +30,10 @@ test time. Methods:
   (`DIR/finetune/after-<task>.pt`), a head per task; evaluating an earlier task uses the
   current encoder with that task's head, so what the encoder forgot shows;
 - linear: the frozen encoder with a linear probe per task.
-After each task every task seen so far is tested. Each training keeps its best epoch on
-its validation data, as `ssamba finetune` does.
+After each task every task seen so far is tested, each by its own `ClassifyTask`'s test
+step (as `ssamba finetune` scores; for sequential fine-tuning with the current encoder
+in place). Each training keeps its best epoch on its validation data, as `ssamba
+finetune` does.
 
 `DIR/results.json`: {"tasks": [...], "methods": {method: {"accuracy": [[acc of task j
 after task i, j <= i]], "final": [...], "average_accuracy", "forgetting",
@@ -49,11 +55,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from torch import nn
 
-from ssamba.models.encoder_file import EncoderFile, load_encoder_file, read_checkpoint
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 PROG = "ssamba continual"
 METHODS = ("adapter", "finetune", "linear")
@@ -94,9 +98,12 @@ def read_recipe(path: str | Path, init: str | None = None) -> dict[str, Any]:
                 f"{path}: tasks {names.index(name) + 1} and {i + 1} share the name {name!r}; "
                 "task names must be unique (results are keyed by them)"
             )
-        task_recipe = (path.parent / tasks[i].get("recipe", "")).resolve()
+        task_recipe = Path(tasks[i].get("recipe", "")).resolve()  # from the cwd, as init
         if not task_recipe.is_file():
-            raise ContinualError(f"{path}: task {name!r}: recipe {task_recipe} not found")
+            raise ContinualError(
+                f"{path}: task {name!r}: recipe {task_recipe} not found (paths in a "
+                "continual recipe are relative to the current directory)"
+            )
         tasks[i] = {**tasks[i], "recipe": str(task_recipe)}
     return recipe
 
@@ -112,13 +119,15 @@ def _override_args(overrides: dict[str, Any] | None) -> list[str]:
 # ---------------------------------------------------------------------------- training
 def train_task(
     recipe: dict[str, Any], task: dict[str, Any], method: str, init: str, folder: Path
-) -> tuple[Any, Any]:
-    """Fit one task with one method; returns (ClassifyTask with its best epoch, datamodule)."""
+) -> tuple[Any, Any, Any, float]:
+    """Fit one task with one method; returns (ClassifyTask restored to its best epoch, its
+    datamodule, its trainer, its test accuracy)."""
     from ssamba.tasks.finetune_cli import ClassifyCLI, RecipeError, build
 
     args = ["--config", task["recipe"], *_override_args(recipe.get("overrides"))]
     args += _override_args((recipe.get("method_overrides") or {}).get(method))
     args += _override_args(task.get("overrides"))
+    args += _override_args(recipe.get("length"))
     args += ["--model.init", init, "--model.mode", method]
     args += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.default_root_dir", str(folder)]
@@ -134,35 +143,15 @@ def train_task(
     best = (
         trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
     )
-    checkpoint = read_checkpoint(best)
-    model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), data
+    # Testing the best checkpoint restores its weights into `model` (Lightning's restore).
+    return model, data, trainer, scored_accuracy(trainer, model, data, best)
 
 
-@torch.no_grad()
-def accuracy(
-    encoder: nn.Module, head: nn.Module, pooling: str, data: Any, ignore_padding: bool = False
-) -> float:
-    """Test accuracy of encoder + pooling (of the clips' own patches with `ignore_padding`)
-    + head on `data`'s test set."""
-    encoder.eval()
-    head.eval()
-    data.setup("test")
-    correct = total = 0
-    for batch in data.test_dataloader():
-        keep = encoder.clip_patches(batch["frames"]) if ignore_padding else None
-        logits = head(encoder.pool(encoder.forward_features(batch["fbank"]), pooling, keep))
-        correct += int((logits.argmax(1) == batch["label"]).sum())
-        total += len(batch["label"])
-    return correct / max(total, 1)
-
-
-def _head(state: dict[str, torch.Tensor]) -> nn.Module:
-    weight = state["1.weight"]
-    head = nn.Sequential(nn.LayerNorm(weight.shape[1]), nn.Linear(weight.shape[1], weight.shape[0]))
-    head.load_state_dict(state)
-    return head
+def scored_accuracy(trainer: Any, model: Any, data: Any, ckpt_path: str | None = None) -> float:
+    """`test/acc` of `model` on `data`'s test set, by `ClassifyTask.test_step`."""
+    return float(
+        trainer.test(model, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]["test/acc"]
+    )
 
 
 def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]:
@@ -173,19 +162,18 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
     start = time.perf_counter()
     matrix: list[list[float]] = []
     trainable: list[int] = []
-    heads: list[dict[str, torch.Tensor]] = []
+    models: list[Any] = []  # each task's classifier: its head (and adapters), its data
     datas: list[Any] = []
     carried = init  # the encoder file each task starts from
     fraction = 0.0
     for i, task in enumerate(tasks):
         name = task["name"]
         print(f"== {method}: task {i + 1}/{len(tasks)} {name!r}", flush=True)
-        model, data = train_task(recipe, task, method, carried, folder / name)
+        model, data, trainer, accuracy = train_task(recipe, task, method, carried, folder / name)
         share = model.trainable_share()
         trainable.append(int(share["trainable_encoder_params"] + share["head_params"]))
         fraction = share["fraction"]
-        pooling = model.hparams.pooling
-        heads.append({k: v.detach().clone() for k, v in model.mlp_head.state_dict().items()})
+        models.append(model)
         datas.append(data)
         if method == "adapter":
             model.save_adapter_file(folder / f"{name}.pt")
@@ -193,13 +181,13 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
             carried = str(folder / f"after-{name}.pt")
             EncoderFile(model.encoder, data.fbank, provenance={"kind": "continual"}).save(carried)
         row = []
-        for j in range(i + 1):
-            if method == "adapter":  # task j's adapters, reloaded onto the shared encoder
-                bundle = load_encoder_file(folder / f"{tasks[j]['name']}.pt", base=init)
-                encoder, head = bundle.encoder, _head(bundle.head)
-            else:  # linear: the frozen encoder; finetune: the encoder as it is now
-                encoder, head = model.encoder, _head(heads[j])
-            row.append(accuracy(encoder, head, pooling, datas[j], model.hparams.ignore_padding))
+        for j in range(i):
+            if method == "finetune":  # what the encoder forgot: task j's head on it now
+                models[j].encoder = model.encoder
+            # adapter: task j's own adapters on the frozen shared encoder; linear: the
+            # frozen encoder with task j's probe
+            row.append(scored_accuracy(trainer, models[j], datas[j]))
+        row.append(accuracy)
         print(f"   {method} after {name!r}: " + ", ".join(f"{a:.4f}" for a in row), flush=True)
         matrix.append(row)
     if method == "adapter":  # the shared encoder must be the one every file refers to
@@ -308,10 +296,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="write DIR/speaker.csv and DIR/parity.csv from work/shards/fsdd/manifest.jsonl",
     )
-    parser.add_argument("--manifest", type=Path, default=Path("work/shards/fsdd/manifest.jsonl"))
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        default=Path("work/shards/fsdd/manifest.jsonl"),
+        help="with --derive-fsdd: the fsdd shards' manifest.jsonl",
+    )
+    parser.add_argument("--max-epochs", type=int, help="every task's trainer.max_epochs")
+    parser.add_argument("--max-steps", type=int, help="every task's trainer.max_steps")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.derive_fsdd is not None:
+            if not args.manifest.is_file():
+                raise ContinualError(
+                    f"--manifest {args.manifest}: no such file; --derive-fsdd reads the fsdd "
+                    "shards' manifest.jsonl (shard FSDD first, or pass --manifest)"
+                )
             for path in derive_fsdd_lists(args.manifest, args.derive_fsdd):
                 print(f"wrote {path}")
             return 0
@@ -324,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ContinualError(f"--methods: {unknown} not in {METHODS}")
         recipe.setdefault("adapter", {})
+        recipe["length"] = {
+            key: value
+            for key, value in (
+                ("trainer.max_epochs", args.max_epochs),
+                ("trainer.max_steps", args.max_steps),
+            )
+            if value is not None
+        }
         load_encoder_file(recipe["init"])  # fail before any training on a bad encoder file
         args.out.mkdir(parents=True, exist_ok=True)
         results: dict[str, Any] = {

@@ -63,10 +63,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
+from ssamba.tasks.probe import linear_probe
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "ssamba label-efficiency"
@@ -398,7 +398,7 @@ def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
     ]
     kind = "development" if dev else "held-out"
     description = (
-        f"{kind} {field}s {', '.join(tested)} (never pretrained on; probes trained on "
+        f"{kind} {field}{'s' if len(tested) > 1 else ''} {', '.join(tested)} (never pretrained on; probes trained on "
         f"{', '.join(learn)})"
     )
     return Protocol(description, folds, pool)
@@ -489,7 +489,8 @@ def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[P
     import shlex
 
     from ssamba.data.shard_format import fbank_stats
-    from ssamba.tasks.pretrain_cli import main as pretrain_main
+    from ssamba.tasks.cli_common import SetupError
+    from ssamba.tasks.pretrain_cli import pretrain as pretrain_run
 
     folder = (out / "pretrain").resolve()
     sources, val, ids = pretrain_sources(args, protocol)
@@ -507,14 +508,11 @@ def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[P
     ]
     shown = [a if len(a) < 200 else a[:120] + " ...]" for a in argv]
     print(f"== pretrain on {len(ids)} clips: ssamba pretrain {shlex.join(shown)}", flush=True)
-    before = set(folder.rglob("encoder.pt")) if folder.is_dir() else set()
-    code = pretrain_main(argv)
-    if code != 0:
-        raise InputError(f"pretraining failed (ssamba pretrain exit {code}); see above")
-    found = sorted(set(folder.rglob("encoder.pt")) - before, key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise InputError(f"pretraining wrote no encoder.pt under {folder}")
-    return found[-1], ids
+    try:
+        result = pretrain_run(argv)
+    except SetupError as error:
+        raise InputError(f"--pretrain-recipe/--pretrain-args: {error}") from error
+    return Path(result.files["encoder"]), ids
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -627,72 +625,56 @@ def embed_all(
     )
 
 
-def linear_probe(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    num_classes: int,
-    l2: float,
-) -> float:
-    """Logistic regression on standardised embeddings (L-BFGS); test accuracy."""
-    mean, std = train_x.mean(0), train_x.std(0, unbiased=False).clamp(min=1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimiser = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = F.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    with torch.no_grad():
-        return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
-
-
 def finetune(
-    task: Any,
-    features: Features,
-    train_rows: torch.Tensor,
-    test_rows: torch.Tensor,
-    settings: FinetuneSettings,
+    shards: Path,
+    encoder_file: Path,
+    init: str,
     seed: int,
+    settings: FinetuneSettings,
+    fbank_cfg: Any,
+    train_ids: Sequence[str],
+    test_ids: Sequence[str],
 ) -> float:
-    """Fine-tune `task` on `train_rows` of `features` for settings.steps(...) on a cosine
-    schedule; accuracy on `test_rows`."""
-    from ssamba.tasks.schedules import apply_lr, lr_factor
+    """Fine-tune `init` on `train_ids` with Lightning (`ClassifyTask` on a
+    `LabelledDataModule` holding exactly those clips, evaluation crop, no augmentation) for
+    settings.steps(...) steps on a cosine schedule; its last weights' `test/acc` on
+    `test_ids`, scored by `ClassifyTask.test_step` as `ssamba finetune` scores."""
+    import tempfile
 
-    optimiser = task.configure_optimizers()
-    steps = settings.steps(len(train_rows))
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    task.train()
-    for step in range(steps):
-        if len(order) < min(settings.batch_size, len(train_rows)):
-            order += train_rows[torch.randperm(len(train_rows), generator=generator)].tolist()
-        rows, order = order[: settings.batch_size], order[settings.batch_size :]
-        apply_lr(
-            [optimiser],
-            lr_factor(
-                step, 0, schedule="cosine", warmup_steps=settings.warmup_steps, total_steps=steps
-            ),
+    from lightning.pytorch import Trainer
+
+    from ssamba.data.labelled import LabelledDataModule
+
+    data = LabelledDataModule(
+        str(shards),
+        batch_size=min(settings.batch_size, len(train_ids)),
+        num_workers=0,
+        train_filter={"id": list(train_ids)},
+        test_filter={"id": list(test_ids)},
+        target_length=fbank_cfg.target_length,
+        pad=fbank_cfg.pad,
+        num_mel_bins=fbank_cfg.num_mel_bins,
+        features=fbank_cfg.kind,
+        num_ceps=fbank_cfg.num_ceps,
+        stats=(fbank_cfg.mean, fbank_cfg.std),
+        train_crop="start",  # the clips the probes read, every step
+        seed=seed,
+    )
+    task = build_task(encoder_file, init, seed, "finetune", settings, data.num_classes)
+    with tempfile.TemporaryDirectory(prefix="ssamba-le-") as folder:
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=settings.steps(len(train_ids)),
+            max_epochs=-1,
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=folder,
         )
-        targets = F.one_hot(features.label[rows], task.hparams.num_classes).float()
-        loss = task.loss(task(features.fbank[rows], features.frames[rows]), targets)
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
-        optimiser.step()
-    task.eval()
-    with torch.no_grad():
-        chunks = test_rows.split(256)
-        logits = torch.cat([task(features.fbank[c], features.frames[c]) for c in chunks])
-    return float((logits.argmax(1) == features.label[test_rows]).float().mean())
+        trainer.fit(task, datamodule=data)
+        return float(trainer.test(task, datamodule=data, verbose=False)[0]["test/acc"])
 
 
 def evaluate(
@@ -762,10 +744,16 @@ def evaluate(
                                 settings.probe_l2,
                             )
                         else:
-                            task = build_task(
-                                encoder_file, init, seed, "finetune", settings, classes
+                            acc = finetune(
+                                shards,
+                                encoder_file,
+                                init,
+                                seed,
+                                settings,
+                                fbank_cfg,
+                                train,
+                                fold.test_ids,
                             )
-                            acc = finetune(task, features, rows, test_rows, settings, seed)
                         trained_on = [features.ids[i] for i in rows.tolist()]
                         run = Run(
                             init,

@@ -21,6 +21,7 @@ from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 def write_recipe(folder: Path, tasks: list[dict], **extra) -> Path:
     (folder / "task.yaml").write_text("model: {}\n")
+    tasks = [{**t, "recipe": str(folder / t["recipe"])} for t in tasks]
     recipe = {"init": str(folder / "base.pt"), "tasks": tasks, **extra}
     path = folder / "continual.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -48,6 +49,28 @@ def test_unknown_method_and_missing_task_recipe_are_named(tmp_path):
     path = write_recipe(tmp_path, [{"name": "a", "recipe": "missing.yaml"}])
     with pytest.raises(ContinualError, match=r"task 'a': recipe .*missing\.yaml not found"):
         read_recipe(path)
+
+
+def test_task_recipes_are_found_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "task.yaml").write_text("model: {}\n")
+    (tmp_path / "lists").mkdir()
+    path = tmp_path / "lists" / "continual.yaml"  # elsewhere than the task recipe
+    tasks = [{"name": "a", "recipe": "recipes/task.yaml"}]
+    path.write_text(yaml.safe_dump({"init": "base.pt", "tasks": tasks}))
+    monkeypatch.chdir(tmp_path)
+
+    assert read_recipe(path)["tasks"][0]["recipe"] == str(tmp_path / "recipes" / "task.yaml")
+
+
+def test_derive_fsdd_without_a_manifest_names_the_option(tmp_path, capsys):
+    code = main(
+        ["--derive-fsdd", str(tmp_path / "lists"), "--manifest", str(tmp_path / "no.jsonl")]
+    )
+
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--manifest" in err and "no.jsonl" in err and "\n" not in err
 
 
 def test_forgetting_and_backward_transfer_of_an_accuracy_matrix():
@@ -104,10 +127,14 @@ def two_task_setup(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_adapters_forget_nothing_while_sequential_finetuning_moves_the_encoder(two_task_setup):
     root = two_task_setup
     tasks = [
-        {"name": "digit", "recipe": "task.yaml", "overrides": {"data.shards": str(root / "digit")}},
+        {
+            "name": "digit",
+            "recipe": str(root / "task.yaml"),
+            "overrides": {"data.shards": str(root / "digit")},
+        },
         {
             "name": "speaker",
-            "recipe": "task.yaml",
+            "recipe": str(root / "task.yaml"),
             "overrides": {"data.shards": str(root / "speaker")},
         },
     ]
@@ -124,9 +151,13 @@ def test_adapters_forget_nothing_while_sequential_finetuning_moves_the_encoder(t
     )
     out = root / "out"
     base_before = weights_sha256(load_encoder_file(root / "base.pt").encoder)
-    assert main(["--config", str(recipe), "--out", str(out)]) == 0
+    assert main(["--config", str(recipe), "--out", str(out), "--max-epochs", "1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == ["digit", "speaker"]
+    # --max-epochs 1 overrode the recipe's 2: every training's last checkpoint is epoch 0
+    lasts = list(out.rglob("last.ckpt"))
+    assert len(lasts) == 4  # 2 methods x 2 tasks
+    assert {torch.load(p, weights_only=True)["epoch"] for p in lasts} == {0}
     adapter, finetune = results["methods"]["adapter"], results["methods"]["finetune"]
     for method in (adapter, finetune):
         assert [len(row) for row in method["accuracy"]] == [1, 2]

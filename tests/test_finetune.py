@@ -21,11 +21,13 @@ from data_prep import CORPORA, prepare
 from data_prep.shard import write_shards
 from ssamba.data import LabelledDataModule
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
-from ssamba.models.encoder_file import EncoderFile
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file
+from ssamba.tasks.classify import ClassifyTask
+from ssamba.tasks.evaluate_cli import evaluate
 from ssamba.tasks.evaluate_cli import main as evaluate_main
-from ssamba.tasks.finetune_cli import latest_results
+from ssamba.tasks.finetune_cli import finetune, latest_results
 from ssamba.tasks.finetune_cli import main as finetune_main
-from ssamba.tasks.pretrain_cli import main as pretrain_main
+from ssamba.tasks.pretrain_cli import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune"
@@ -259,6 +261,29 @@ def test_official_split_run_tests_the_epoch_chosen_on_held_out_training_clips(
     assert re.fullmatch(r"[0-9a-f]{12}", results["config_hash"])
 
 
+def test_finetune_and_evaluate_return_the_model_metrics_and_files_they_wrote(
+    subset_shards: Path, tmp_path: Path
+) -> None:
+    trained = finetune(["--config", str(FSDD), *quick(subset_shards, tmp_path / "ft")])
+
+    assert isinstance(trained.model, ClassifyTask)
+    assert Path(trained.files["results"]) == latest_results(tmp_path / "ft").resolve()
+    record = json.loads(Path(trained.files["results"]).read_text())
+    assert trained.record == record
+    assert trained.metrics["test/acc"] == pytest.approx(record["value"])
+    assert trained.files["encoder"] == record["encoder_file"]["-"]
+    assert load_encoder_file(trained.files["encoder"]).head  # the tested classifier
+
+    scored = evaluate(
+        ["--ckpt", trained.files["encoder"], "--config", str(FSDD),
+         f"--data.shards={subset_shards}", "--trainer.enable_progress_bar=false",
+         "--out", str(tmp_path / "eval")]
+    )  # fmt: skip
+
+    assert scored.metrics["test/acc"] == pytest.approx(record["value"], abs=1e-6)
+    assert Path(scored.files["results"]) == (tmp_path / "eval" / "results.json").resolve()
+
+
 def test_loso_folds_test_each_speaker_and_report_mean_and_std(
     subset_shards: Path, tmp_path: Path
 ) -> None:
@@ -319,7 +344,7 @@ def test_fsdd_pretrain_then_finetune_reaches_90_percent_and_loso_reports_folds(
     fsdd_shards: Path, tmp_path: Path
 ) -> None:
     pretrain_out = tmp_path / "pretrain"
-    code = pretrain_main(
+    pretrained = pretrain(
         [
             "--config",
             str(REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"),
@@ -331,8 +356,9 @@ def test_fsdd_pretrain_then_finetune_reaches_90_percent_and_loso_reports_folds(
             *E2E_PRETRAIN,
         ]
     )
-    assert code == 0
-    encoder = next(pretrain_out.rglob("encoder.pt"))
+    encoder = pretrained.files["encoder"]  # the file this run exported, not a glob
+    assert Path(encoder).parent.parent.parent == pretrain_out.resolve()
+    assert pretrained.metrics["val/acc"] > 0
 
     official = tmp_path / "official"
     options = [*run_options(fsdd_shards, official), f"--model.init={encoder}"]

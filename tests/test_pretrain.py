@@ -42,7 +42,8 @@ TINY_ARGS = ["--model.encoder.depth=2", "--model.encoder.embed_dim=64"]
 
 
 def pretrain_data_args(shards: Path, out: Path) -> list[str]:
-    """Point the recipe at a test's shards (train / test splits) and output folder."""
+    """Point a recipe at test shards (training split; test split for validation) and a
+    test output folder."""
     return [
         f"--data.sources=[{{shards: {shards}, splits: [train]}}]",
         f"--data.val={{shards: {shards}, splits: [test]}}",

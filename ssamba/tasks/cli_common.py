@@ -1,8 +1,10 @@
 """What every `ssamba` training front-end shares: one LightningCLI, run without subcommands.
 
 `ssamba pretrain`, `ssamba finetune` and `ssamba evaluate` differ only in their
-LightningModule, their DataModule and the Trainer method they call, so each is
-`run_cli(TaskClass, DataClass, argv, ...)`. Shared behaviour lives here:
+LightningModule, their DataModule and the Trainer method they call, so each builds its
+run with `build_cli(TaskClass, DataClass, argv, ...)` (or `ClassifyCLI` on top of it),
+returns a `RunResult` (model, metrics, files) to Python callers, and its `main` prints
+it. Shared behaviour lives here:
 
 - recipes are YAML read with `parser_mode="omegaconf"` (so `${model.lr}` style
   interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
@@ -20,8 +22,8 @@ LightningModule, their DataModule and the Trainer method they call, so each is
   copy) is named and the newest intact checkpoint of the same version folder taken
   instead, or the run stops with one line;
 - checkpoints are written atomically (`AtomicCheckpointIO`, installed in every trainer);
-- with `run_cli`, a bad recipe fails before any training step with one line naming the
-  key or path and exit code 2 (unknown keys and mistyped values are rejected by
+- a bad recipe fails before any training step with one line naming the key or path
+  (`SetupError`; the CLIs exit with code 2) (unknown keys and mistyped values are rejected by
   jsonargparse; values the classes reject raise `ValueError` / `FileNotFoundError` from
   their constructors, the Trainer a `MisconfigurationException`);
 - the run's config.yaml is written once training has started, and a `--ckpt_path` whose
@@ -43,6 +45,7 @@ import sys
 import warnings
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +62,16 @@ from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
     "SETUP_ERRORS",
+    "RunResult",
+    "SetupError",
     "SsambaCLI",
+    "build_cli",
     "check_resume",
+    "exit_code",
     "expand_defaults",
     "find_last_checkpoint",
+    "logged_metrics",
     "peek_checkpoint",
-    "run_cli",
     "setup_error_line",
 ]
 
@@ -315,7 +322,7 @@ class SsambaCLI(LightningCLI):
         default_root: str | None = None,
     ) -> None:
         """`exit_on_error=False` raises `argparse.ArgumentError` for a bad recipe instead of
-        printing the whole usage and exiting (`run_cli` turns it into one line).
+        printing the whole usage and exiting (`build_cli` turns it into one line).
         `default_root`: where a run without logger and `default_root_dir` keeps its files
         (`<default_root>/<recipe name>`); None leaves Lightning's current directory."""
         self._links = list(links)
@@ -428,23 +435,38 @@ class SsambaCLI(LightningCLI):
         self.config.ckpt_path = str(intact_or_fallback(last))
 
 
-def run_cli(
+class SetupError(ValueError):
+    """A recipe, override, checkpoint or data problem found before any step; one line."""
+
+
+@dataclass
+class RunResult:
+    """What a training or scoring entry point returns to Python callers (the CLIs print it).
+
+    model: the trained (or scored) LightningModule; metrics: the run's final logged values
+    (e.g. `val/acc`, `test/acc`); files: what the run wrote, by kind (e.g. `encoder`,
+    `results`), as absolute paths; record: the results.json content where there is one.
+    """
+
+    model: LightningModule
+    metrics: dict[str, float]
+    files: dict[str, str] = field(default_factory=dict)
+    record: dict[str, Any] | None = None
+
+
+def build_cli(
     model_class: type[LightningModule] | Callable[..., LightningModule],
     datamodule_class: type[LightningDataModule] | Callable[..., LightningDataModule],
     argv: Sequence[str] | None,
     *,
     prog: str,
     description: str,
-    trainer_fn: str = "fit",
     links: Iterable[tuple[str, str]] = (),
     default_root: str | None = None,
-) -> int:
-    """Parse a recipe, build task + data + trainer, call `trainer.<trainer_fn>`; exit code.
-
-    Errors raised while parsing and building (before any step runs) become one
-    `prog: error:` line and exit code 2, like argparse; errors during training keep their
-    traceback.
-    """
+) -> SsambaCLI:
+    """Parse a recipe and build task + data + trainer. Errors raised while parsing and
+    building (before any step runs) become one-line `SetupError`s; `--help` and
+    `--print_config` raise SystemExit."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli = SsambaCLI(
@@ -458,14 +480,26 @@ def run_cli(
             default_root=default_root,
         )
         check_resume(cli.model, cli.config.get("ckpt_path"))
+    except SETUP_ERRORS as error:
+        raise SetupError(setup_error_line(error)) from error
+    return cli
+
+
+def logged_metrics(trainer: Trainer) -> dict[str, float]:
+    """The trainer's last logged value of every metric, as floats."""
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+def exit_code(run: Callable[[], Any], prog: str) -> int:
+    """Run an entry point for its CLI: 0, or 2 with one `prog: error:` line for a
+    `SetupError` (errors during training keep their traceback); `--help` exits 0."""
+    try:
+        run()
     except SystemExit as exit_:  # --help and --print_config
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    except SETUP_ERRORS as error:
-        print(f"{prog}: error: {setup_error_line(error)}", file=sys.stderr)
+    except SetupError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    getattr(cli.trainer, trainer_fn)(
-        cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path")
-    )
     return 0
 
 

@@ -30,7 +30,14 @@ from typing import Literal
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from ssamba.tasks.cli_common import SETUP_ERRORS, peek_checkpoint, setup_error_line
+from ssamba.tasks.cli_common import (
+    SETUP_ERRORS,
+    RunResult,
+    SetupError,
+    exit_code,
+    peek_checkpoint,
+    setup_error_line,
+)
 from ssamba.tasks.finetune_cli import ClassifyCLI, config_hash, task_name, write_results
 
 PROG = "ssamba evaluate"
@@ -110,31 +117,27 @@ def format_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate(argv: list[str] | None = None) -> RunResult:
+    """Score a checkpoint on a recipe's data (command-line arguments); returns the task, its
+    metrics, `files["results"]` and the results.json record. A bad recipe or a checkpoint
+    without a head for the task raises `SetupError` before scoring."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli = EvaluateCLI(argv)
-    except SystemExit as exit_:  # --help and --print_config
-        return exit_.code if isinstance(exit_.code, int) else 2
     except SETUP_ERRORS as error:
-        print(f"{PROG}: error: {setup_error_line(error)}", file=sys.stderr)
-        return 2
+        raise SetupError(setup_error_line(error)) from error
     config, model, ckpt = cli.config, cli.model, cli.config.ckpt
     if model.head_source is None:
-        print(
-            f"{PROG}: error: {ckpt} has no classification head for "
-            f"{model.hparams.num_classes} classes: is it a `ssamba finetune` checkpoint "
-            "of this task?",
-            file=sys.stderr,
+        raise SetupError(
+            f"{ckpt} has no classification head for {model.hparams.num_classes} classes: "
+            "is it a `ssamba finetune` checkpoint of this task?"
         )
-        return 2
     split = config.split
     run = cli.trainer.test if split == "test" else cli.trainer.validate
     scores = run(model, datamodule=cli.datamodule, verbose=False)[0]
     metric = model.hparams.metric
-    name = task_name(config)
     results = {
-        "task": name,
+        "task": task_name(config),
         "split": split,
         "metric": metric,
         "value": float(scores[f"{split}/{metric}"]),
@@ -143,12 +146,29 @@ def main(argv: list[str] | None = None) -> int:
         "config_hash": config_hash(cli),
     }
     if not cli.trainer.is_global_zero:  # every process scored its share; one writes
-        return 0
+        return RunResult(model, results["metrics"], {}, results)
     path = write_results(results, Path(config.out) if config.out else Path(ckpt).parent)
-    rows = [
-        {"task": name, "split": split, "metric": k.split("/", 1)[1], "value": f"{v:.4f}"}
-        for k, v in sorted(results["metrics"].items())
-    ]
-    print(format_table(rows))
-    print(f"checkpoint {results['checkpoint']}\n-> {path}")
-    return 0
+    return RunResult(model, results["metrics"], {"results": str(path.resolve())}, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ssamba evaluate`: prints the metrics; exit code 2 with one line for bad input."""
+
+    def run() -> None:
+        result = evaluate(argv)
+        if "results" not in result.files:
+            return
+        record = result.record or {}
+        rows = [
+            {
+                "task": record["task"],
+                "split": record["split"],
+                "metric": k.split("/", 1)[1],
+                "value": f"{v:.4f}",
+            }
+            for k, v in sorted(record["metrics"].items())
+        ]
+        print(format_table(rows))
+        print(f"checkpoint {record['checkpoint']}\n-> {result.files['results']}")
+
+    return exit_code(run, PROG)

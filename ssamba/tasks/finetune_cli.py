@@ -54,8 +54,11 @@ from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.classify import ClassifyTask
 from ssamba.tasks.cli_common import (
     SETUP_ERRORS,
+    RunResult,
+    SetupError,
     SsambaCLI,
     check_resume,
+    exit_code,
     one_line,
     setup_error_line,
 )
@@ -204,7 +207,7 @@ def latest_results(root: str | Path) -> Path:
     return Path(json.loads(index.read_text().splitlines()[-1])["results"])
 
 
-class RecipeError(ValueError):
+class RecipeError(SetupError):
     """A recipe, override or data problem found before training; one line says which."""
 
 
@@ -368,20 +371,15 @@ def run_one(cli: ClassifyCLI, config: Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a recipe (each requested fold); exit code 2 with one line for a bad recipe."""
+def finetune(argv: list[str] | None = None) -> RunResult:
+    """Run a recipe (each requested fold; command-line arguments) and return the last fold's
+    task, its test metrics, the files written (`results`, `encoder` of each fold) and the
+    results.json record. A bad recipe raises `RecipeError` before any training."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli = ClassifyCLI(argv, parse_only=True)
-        return _run(cli)
-    except SystemExit as exit_:  # --help and --print_config
-        return exit_.code if isinstance(exit_.code, int) else 2
-    except (ArgumentError, RecipeError) as error:
-        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
-        return 2
-
-
-def _run(cli: ClassifyCLI) -> int:
+    except ArgumentError as error:
+        raise RecipeError(one_line(str(error))) from error
     config = cli.config
     root = Path(config["trainer"]["default_root_dir"] or ".")
     name = task_name(config)
@@ -414,10 +412,32 @@ def _run(cli: ClassifyCLI) -> int:
         "mode": config["model"]["mode"],
         "config_hash": config_hash(cli),
     }
+    metrics = records[fold]["metrics"] | {"mean": results["mean"], "std": results["std"]}
     if not cli.trainer.is_global_zero:  # one results file per run, not per process
-        return 0
+        return RunResult(cli.model, metrics, {}, results)
     path = write_results(results, new_run_folder(root, number))
     append_index(root, results, path)
-    summary = f"{results['mean']:.4f}" + (f" +/- {results['std']:.4f}" if len(values) > 1 else "")
-    print(f"{name}: test {metric} = {summary} over {len(values)} run(s) -> {path}")
-    return 0
+    files = {"results": str(path.resolve())}
+    files |= {
+        ("encoder" if f == "-" else f"encoder/{f}"): r["encoder_file"]
+        for f, r in records.items()
+        if r["encoder_file"]
+    }
+    return RunResult(cli.model, metrics, files, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ssamba finetune`: exit code 0, or 2 with one line for a bad recipe."""
+
+    def run() -> None:
+        result = finetune(argv)
+        record = result.record or {}
+        if "results" in result.files:
+            runs = len(record["checkpoint"])
+            spread = f" +/- {record['std']:.4f}" if runs > 1 else ""
+            print(
+                f"{record['task']}: test {record['metric']} = {record['mean']:.4f}{spread} "
+                f"over {runs} run(s) -> {result.files['results']}"
+            )
+
+    return exit_code(run, PROG)

@@ -460,7 +460,8 @@ class PretrainTask(LightningModule):
             return
         provenance = {"kind": f"pretraining ({self.kind})", "step": self.global_step}
         bundle = EncoderFile(self.encoder, self.trained_features(), provenance=provenance)
-        print(f"exported encoder: {bundle.save(folder / 'encoder.pt')}")
+        self.encoder_file = bundle.save(folder / "encoder.pt")  # `pretrain()` returns it
+        print(f"exported encoder: {self.encoder_file}")
 
     def trained_features(self) -> FbankConfig | None:
         """The feature settings of the attached DataModule (its `fbank`), for inference."""

@@ -32,11 +32,12 @@ clips each rank trained on at each step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from jsonargparse import set_parsing_settings
 
 from ssamba.data.pretrain import PretrainDataModule
-from ssamba.tasks.cli_common import run_cli
+from ssamba.tasks.cli_common import RunResult, build_cli, exit_code, logged_metrics
 from ssamba.tasks.objectives.eat import EATConfig
 from ssamba.tasks.pretrain import MSPMConfig, PretrainTask
 
@@ -46,18 +47,40 @@ PROG = "ssamba pretrain"
 DEFAULT_ROOT = "runs/pretrain"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one pretraining recipe; returns the exit code (2 for a bad recipe)."""
+def pretrain(argv: Sequence[str] | None = None) -> RunResult:
+    """Run one pretraining recipe (command-line arguments); returns the trained task, its
+    last logged metrics and `files["encoder"]`, the exported encoder file (on rank 0).
+    A bad recipe raises `SetupError` before any step."""
     # The objective's configs parse like classes: a recipe picks one by `class_path`,
     # dotted options edit the chosen one's fields, and printed configs name it.
     set_parsing_settings(subclasses_enabled=[MSPMConfig, EATConfig])
-    return run_cli(
+    cli = build_cli(
         PretrainTask,
         PretrainDataModule,
         argv,
         prog=PROG,
         description=__doc__,
-        trainer_fn="fit",
         links=[("data.target_length", "model.input_frames")],
         default_root=DEFAULT_ROOT,
     )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    files = {}
+    if getattr(cli.model, "encoder_file", None) is not None:  # rank 0 exports it
+        files["encoder"] = str(cli.model.encoder_file.resolve())
+    best = (
+        cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    )
+    if best:
+        files["checkpoint"] = str(Path(best).resolve())
+    return RunResult(cli.model, logged_metrics(cli.trainer), files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`ssamba pretrain`: exit code 0, or 2 with one line for a bad recipe."""
+
+    def run() -> None:
+        result = pretrain(argv)
+        for kind, path in result.files.items():
+            print(f"{kind}: {path}")
+
+    return exit_code(run, PROG)
