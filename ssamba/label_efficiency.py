@@ -51,9 +51,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+from ssamba.recipe_paths import RECIPES, recipe_path
+
 PROG = "ssamba label-efficiency"
-CPU_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
+CPU_RECIPE = RECIPES / "pretrain" / "fsdd_tiny_cpu.yaml"
 INITS = ("pretrained", "random")
 MODES = ("linear", "finetune")
 
@@ -325,13 +326,15 @@ def pretrain(args: argparse.Namespace) -> Path:
         sources = ", ".join(f"{{shards: {p.resolve()}}}" for p in args.pretrain_shards)
     else:
         sources = f"{{shards: {args.shards.resolve()}, splits: [train]}}"
-    if not Path(args.pretrain_recipe).is_file():
-        raise InputError(f"--pretrain-recipe {args.pretrain_recipe}: no such file")
+    try:
+        recipe = recipe_path(args.pretrain_recipe)
+    except FileNotFoundError as error:
+        raise InputError(f"--pretrain-recipe {error}") from None
     # The labelled folder's normalisation: pretraining and the probes see the same inputs.
     mean, std = fbank_stats(str(args.shards))
     argv = [
         "--config",
-        str(args.pretrain_recipe),
+        str(recipe),
         f"--data.sources=[{sources}]",
         f"--data.val={{shards: {args.shards.resolve()}, splits: [test]}}",
         f"--data.stats=[{mean}, {std}]",
