@@ -66,11 +66,11 @@ import torch
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
+from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.probe import linear_probe
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "ssamba label-efficiency"
-CPU_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
+CPU_RECIPE = RECIPES / "pretrain" / "fsdd_tiny_cpu.yaml"
 INITS = ("pretrained", "random", "fbank-stats")
 LEARNED = ("pretrained", "random")  # the inits with an encoder (fbank-stats has none)
 MODES = ("linear", "finetune")
@@ -287,8 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_encoder(args.encoder)
         elif args.pretrain_shards:
             check_no_test_audio(args.shards, protocol.folds, args.pretrain_shards)
-        if not Path(args.pretrain_recipe).is_file() and not args.encoder:
-            raise InputError(f"--pretrain-recipe {args.pretrain_recipe}: no such file")
+        if not args.encoder:  # a recipe file, or a packaged recipe by name
+            try:
+                args.pretrain_recipe = recipe_path(args.pretrain_recipe)
+            except FileNotFoundError as error:
+                raise InputError(f"--pretrain-recipe {error}") from None
         from ssamba.tasks.finetune_cli import new_run_folder
 
         out = new_run_folder(args.out)

@@ -6,6 +6,8 @@ run with `build_cli(TaskClass, DataClass, argv, ...)` (or `ClassifyCLI` on top o
 returns a `RunResult` (model, metrics, files) to Python callers, and its `main` prints
 it. Shared behaviour lives here:
 
+- `--config` takes a recipe file, or a packaged recipe by name (`recipes/finetune/fsdd.yaml`
+  works from any folder: `ssamba.recipe_paths.recipe_path`);
 - recipes are YAML read with `parser_mode="omegaconf"` (so `${model.lr}` style
   interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
   ../data/asli.yaml]` (paths relative to the recipe) applies those files first, in order,
@@ -58,6 +60,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins import CheckpointIO
 
 from ssamba.models.encoder_file import read_checkpoint
+from ssamba.recipe_paths import recipe_path
 from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
@@ -130,11 +133,10 @@ def expand_defaults(argv: Sequence[str]) -> list[str]:
             expanded.append(arg)
             continue
         value = value or next(args, "")
-        path = Path(value)
-        if not value.endswith((".yaml", ".yml")) or not path.is_file():
-            expanded += [flag, value]  # an inline YAML string or a missing file: jsonargparse says
+        if not value.endswith((".yaml", ".yml")):
+            expanded += [flag, value]  # an inline YAML string: jsonargparse reads it
             continue
-        for piece in recipe_pieces(path):
+        for piece in recipe_pieces(recipe_path(value)):
             expanded += [flag, str(piece)]
         # The pieces are merged by now: a printed or saved config must not list them again
         # (their paths are relative to recipes that a printed config no longer sits beside).
