@@ -1,11 +1,13 @@
-"""`ssamba export IN OUT [--format encoder|exported-program|onnx]`: write an encoder to use elsewhere.
+"""`ssamba export IN OUT [--format encoder|hf|exported-program|onnx]`: write an encoder to use elsewhere.
 
-IN is anything `ssamba.models.load_encoder_file` reads: a Lightning .ckpt of `ssamba
+IN is anything `ssamba.models.load_encoder_file` reads (an adapter run's file too): a Lightning .ckpt of `ssamba
 pretrain` / `ssamba finetune`, an official SSAMBA/SSAST/AuM .pth (pretrained or
 fine-tuned), or an encoder file. Formats:
 
 - `encoder` (default): a self-describing encoder file (re-written in the current format),
-  keeping the feature settings, labels and head that IN carries;
+  keeping the feature settings, labels, head and adapters that IN carries;
+- `hf`: the same as a Hugging Face-style folder OUT/ (`config.json` + `model.safetensors`,
+  no pickle; `EncoderFile.save_pretrained`), which every ssamba command reads;
 - `exported-program`: `torch.export` of the encoder, saved with `torch.export.save`: fbank
   features (batch, frames, mel_bins) in, the mean-pooled embedding (batch, dim) and the
   tokens (batch, prefix + patches, dim) out; any batch size, the encoder's frame count.
@@ -48,7 +50,8 @@ from ssamba.models.encoder import AudioEncoder
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 PROG = "ssamba export"
-FORMATS = ("encoder", "exported-program", "onnx")
+FORMATS = ("encoder", "hf", "exported-program", "onnx")
+PROGRAM_FORMATS = ("exported-program", "onnx")
 TOLERANCE = 1e-4
 OUTPUTS = ("embedding", "tokens")
 EXAMPLE_BATCH = 2
@@ -63,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt, an official .pth or encoder file")
-    parser.add_argument("out", type=Path, help="file to write (e.g. encoder.pt, encoder.pt2)")
+    parser.add_argument(
+        "out", type=Path, help="file to write (e.g. encoder.pt, encoder.pt2), or a folder (hf)"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
         default="encoder",
-        help="encoder: ssamba encoder file (default); exported-program: torch.export program; "
-        "onnx: ONNX model",
+        help="encoder: ssamba encoder file (default); hf: a folder with config.json and "
+        "model.safetensors; exported-program: torch.export program; onnx: ONNX model",
     )
     parser.add_argument(
         "--source-stride",
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "encoder":
             path = bundle.save(args.out)
             print(f"{path}: {bundle.describe()}")
+        elif args.format == "hf":
+            path = bundle.save_pretrained(args.out)
+            print(f"{path}/: config.json + model.safetensors of the {bundle.describe()}")
         else:
             path, diff = export_program(bundle, args.out, args.format)
             print(f"{path}: {args.format} of the {bundle.describe()}")
@@ -129,8 +137,8 @@ def export_program(
     Returns (out, largest absolute difference to the eager encoder). Raises ExportError,
     leaving no file, when the export fails or its outputs differ by more than TOLERANCE.
     """
-    if fmt not in FORMATS[1:]:
-        raise ExportError(f"format: expected one of {FORMATS[1:]}, got {fmt!r}")
+    if fmt not in PROGRAM_FORMATS:
+        raise ExportError(f"format: expected one of {PROGRAM_FORMATS}, got {fmt!r}")
     encoder = bundle.encoder.eval()
     cfg = encoder.cfg
     generator = torch.Generator().manual_seed(0)

@@ -21,6 +21,8 @@ head) with nothing but the file, as BEATs' checkpoints do. `torch.save` of:
 Every producer writes it (end of pretraining, end of fine-tuning, `ssamba export`), and
 every consumer (fine-tuning and evaluation init, embed, HEAR, s3prl, export, predict, the
 demo) reads files through `load_encoder_file`, which also takes
+- a Hugging Face-style folder of `EncoderFile.save_pretrained` (`config.json` +
+  `model.safetensors`, `ssamba.models.hf_folder`): the same content, without pickle;
 - an adapter file of an adapter run (`ssamba-adapters`: adapters, head and a reference to
   the base encoder by path and weights checksum): the base is read, checked against the
   checksum, and returned carrying the adapters;
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 from ssamba.features import DATASET_STATS, FbankConfig
 from ssamba.files import atomic_path
 from ssamba.models import adapters as adapter_files
+from ssamba.models import hf_folder
 from ssamba.models.adapters import AdapterConfig, base_state_dict, weights_sha256
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.official import (
@@ -158,6 +161,16 @@ class EncoderFile:
             torch.save(self.payload(), staged)
         return path
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a Hugging Face-style folder: config.json (config, features, labels, head
+        settings, provenance) + model.safetensors (weights, head, adapters); no pickle."""
+        return hf_folder.write_folder(self.payload(), folder)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> EncoderFile:
+        """A folder of `save_pretrained`, or any file `load_encoder_file` reads."""
+        return load_encoder_file(path)
+
 
 def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
@@ -177,6 +190,11 @@ def load_encoder_file(
     one line that names the file, what it is and what to do.
     """
     path = Path(path)
+    if hf_folder.is_folder(path):
+        try:
+            return _from_encoder_file(hf_folder.read_folder(path), path)
+        except hf_folder.FolderError as err:
+            raise CheckpointError(str(err)) from None
     payload = read_checkpoint(path)
     if not isinstance(payload, Mapping):
         raise CheckpointError(
@@ -208,7 +226,9 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+        raise CheckpointError(
+            f"{path}: a folder, not a checkpoint file (nor a folder with {hf_folder.CONFIG_NAME})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
