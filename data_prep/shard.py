@@ -5,7 +5,8 @@ Output folder:
     <split>-000000.tar ...   samples `<key>.flac` (16 kHz mono PCM16) + `<key>.json`
     index.json               per split: shard file names, clip counts, hours
     rejects.jsonl            {"id", "path", "split", "reason"} per clip that failed
-    stats.json               clip count, hours, per-split counts, fbank mean/std
+    stats.json               clip count, hours, per-split counts, fbank mean/std,
+                             clip-duration quantiles
     manifest.jsonl, labels.csv, plan.json, <shard>.done.json (per-shard summaries)
 
 The format itself (members, keys, json fields, file names) is defined once, in
