@@ -504,7 +504,7 @@ def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[P
         str(args.pretrain_recipe),
         f"--data.sources={json.dumps(sources)}",
         f"--data.val={json.dumps(val)}",
-        f"--data.stats=[{mean}, {std}]",
+        f"--data.features.stats=[{mean}, {std}]",
         f"--trainer.default_root_dir={folder}",
         f"--trainer.logger.init_args.save_dir={folder}",
         *shlex.split(args.pretrain_args),

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from test_datamodules import chunk, fsdd_clips, ids_of, write_shard_folder
 
 from ssamba.data import LabelledDataModule, PretrainDataModule
+from ssamba.features import FeatureConfig
 
 WORLD = 2
 
@@ -56,14 +57,14 @@ def _rank_main(rank: int, port: int, pretrain_dir: str, labelled_dir: str, out: 
             steps_per_epoch=4,
             num_workers=2,
             shuffle_buffer=4,
-            target_length=16,
+            features=FeatureConfig(target_length=16),
         )
         pretrain.setup("fit")
         labelled = LabelledDataModule(
             labelled_dir,
             batch_size=4,
             num_workers=2,
-            target_length=16,
+            features=FeatureConfig(target_length=16),
             test_filter={"speaker": "theo"},
         )
         labelled.setup("fit")

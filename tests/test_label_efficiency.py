@@ -19,7 +19,7 @@ from ssamba import label_efficiency
 from ssamba.data.labelled import draw_per_class
 from ssamba.data.pretrain import PretrainDataModule
 from ssamba.data.shards import SkipCounter, catalogue, list_shards
-from ssamba.features import FbankConfig
+from ssamba.features import FbankConfig, FeatureConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.tasks.probe import linear_probe
@@ -184,8 +184,7 @@ def test_pretraining_reads_only_the_listed_clips(shards):
         batch_size=4,
         steps_per_epoch=6,
         num_workers=0,
-        target_length=64,
-        stats=(-6.85, 5.57),
+        features=FeatureConfig(target_length=64, stats=(-6.85, 5.57)),
     )
     data.setup("fit")
 
@@ -194,7 +193,9 @@ def test_pretraining_reads_only_the_listed_clips(shards):
     assert seen and seen <= set(wanted)
     assert [i for batch in data.val_dataloader() for i in batch["id"]] == val
     with pytest.raises(ValueError, match=r"sources\[0\]\.ids: 1 of 1 ids .*'nope'"):
-        PretrainDataModule([{"shards": str(shards), "ids": ["nope"]}], stats=(0.0, 1.0))
+        PretrainDataModule(
+            [{"shards": str(shards), "ids": ["nope"]}], features=FeatureConfig(stats=(0.0, 1.0))
+        )
 
 
 @pytest.mark.parametrize("renamed", [True, False], ids=["test-audio-renamed", "labelled-folder"])

@@ -30,7 +30,7 @@ def shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def classifier(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quick FSDD fine-tuning run's encoder.pt (head, labels, features)."""
     out = tmp_path_factory.mktemp("run")
-    options = [*quick(shards, out), f"--data.target_length={FRAMES}"]
+    options = [*quick(shards, out), f"--data.features.target_length={FRAMES}"]
     assert finetune_main(["--config", str(FSDD), *options]) == 0
     return Path(json.loads(latest_results(out).read_text())["encoder_file"]["-"])
 
@@ -53,7 +53,7 @@ def test_csv_labels_give_evaluates_accuracy_on_the_same_clips(
                 key = name.removesuffix(".json")
                 (clips / f"{key}.flac").write_bytes(archive.extractfile(f"{key}.flac").read())
                 digit[f"{key}.flac"] = str(record["labels"][0])
-    options = [f"--data.shards={shards}", f"--data.target_length={FRAMES}"]
+    options = [f"--data.shards={shards}", f"--data.features.target_length={FRAMES}"]
     ckpt = str(classifier)
     assert (
         evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options, "--out", str(tmp_path)])

@@ -179,7 +179,7 @@ def test_evaluate_at_another_input_length_warns_that_it_differs_from_training(
     ckpt = results_of(short_run)["checkpoint"]["-"]
     options = [
         f"--data.shards={subset_shards}",
-        "--data.target_length=128",
+        "--data.features.target_length=128",
         "--trainer.limit_test_batches=1",
         "--trainer.enable_progress_bar=false",
         f"--out={tmp_path}",
@@ -188,7 +188,8 @@ def test_evaluate_at_another_input_length_warns_that_it_differs_from_training(
     assert evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options]) == 0
     err = capfd.readouterr().err
     assert (
-        f"warning: --data.target_length 128 differs from the 64 frames {ckpt} was trained on" in err
+        f"warning: --data.features.target_length 128 differs from the 64 frames {ckpt} was trained on"
+        in err
     )
     # and Lightning's advertising and its "callbacks will override" notice stay quiet
     assert not any(notice in err for notice in QUIET_NOTICES)

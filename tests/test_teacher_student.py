@@ -16,7 +16,7 @@ from test_datamodules import fsdd_clips, write_shard_folder
 
 from ssamba.audio import load_audio
 from ssamba.data.pretrain import PretrainDataModule
-from ssamba.features import FbankConfig, clip_features
+from ssamba.features import FbankConfig, FeatureConfig, clip_features
 from ssamba.models.encoder import EncoderConfig
 from ssamba.tasks.objectives.eat import EATConfig, ema_decay_at, inverse_block_mask
 from ssamba.tasks.pretrain import MSPMConfig, PretrainTask, ScheduleConfig
@@ -153,9 +153,7 @@ def _fit(shards: Path, root: Path, steps: int, ckpt: Path | None) -> TeacherAtSt
         steps_per_epoch=3,
         num_workers=0,
         shuffle_buffer=0,
-        target_length=64,
-        stats=(-8.77, 4.64),
-        pad="floor",
+        features=FeatureConfig(target_length=64, stats=(-8.77, 4.64), pad="floor"),
     )
     watch = TeacherAtStart()
     trainer = L.Trainer(

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
-from typing import Any, Literal, NotRequired, TypedDict
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NotRequired, TypedDict
 
 import lightning as L
 
@@ -33,8 +33,8 @@ from ssamba.data.loader import (
 )
 from ssamba.data.shards import Shard, SkipCounter, catalogue, clip_id, list_shards
 from ssamba.data.streams import Clip, ClipBatches, MixedShardStream, derive_seed
-from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
-from ssamba.features import FbankConfig, PadMode
+from ssamba.data.transforms import CropPosition, batch_features, crop_wave, resolve_features
+from ssamba.features import DEFAULT_FEATURES, FbankConfig, FeatureConfig
 
 
 class ShardSource(TypedDict):
@@ -110,12 +110,7 @@ class PretrainDataModule(L.LightningDataModule):
         steps_per_epoch: int = 4000,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
-        target_length: int = 1024,
-        num_mel_bins: int = 128,
-        features: Literal["fbank", "mfcc"] = "fbank",
-        num_ceps: int = 40,
-        stats: str | tuple[float, float] = "asli",
-        pad: PadMode = "zeros",
+        features: FeatureConfig = DEFAULT_FEATURES,
         seed: int = 0,
     ) -> None:
         """
@@ -133,23 +128,16 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes per rank (decode + fbank run there).
             shuffle_buffer: compressed clips each worker holds to shuffle (~170 kB each
                 for 10 s); 0 or 1 reads shards in stored order.
-            target_length: frames per example; longer clips are cropped at a random frame,
-                shorter ones zero-padded (1024 = 10.24 s, the originals' setting).
-            num_mel_bins: mel bins of the Kaldi filterbank.
-            features: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps`
-                Kaldi MFCCs over the same frames; the encoder then reads `num_ceps` bins).
-            num_ceps: MFCC coefficients per frame.
-            stats: filterbank normalisation: a published dataset name ("asli" = the
-                AudioSet+LibriSpeech values of SSAST/SSAMBA), "shards" (stats.json of the
-                single source) or [mean, std].
-            pad: how clips shorter than `target_length` are filled: "zeros" (the
-                originals: log-mel 0, loud after normalisation) or "floor" (each bin's
-                quietest value in the clip); saved with the exported encoder's features.
+            features: the model input (`FeatureConfig`: kind, bins, target_length, stats,
+                pad); "shards" statistics and an "auto" length read the stats.json of the
+                first source. Longer clips are cropped at a random frame in training;
+                saved with the exported encoder's features.
             seed: base seed of shard draws, mixing and shuffling (each rank and worker
                 derives its own).
         """
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.features = asdict(features)  # plain data: checkpoints load weights-only
         if not sources:
             raise ValueError("sources: give at least one shard set")
         self.source_shards = [source_shards(s, f"sources[{i}]") for i, s in enumerate(sources)]
@@ -162,17 +150,12 @@ class PretrainDataModule(L.LightningDataModule):
                 "batch_size and steps_per_epoch must be > 0 and num_workers >= 0, got "
                 f"{batch_size}, {steps_per_epoch}, {num_workers}"
             )
-        single = sources[0]["shards"] if len(sources) == 1 else None
-        mean, std = normalisation_stats(stats, single)
-        self.fbank = FbankConfig(
-            target_length=target_length,
-            num_mel_bins=num_mel_bins,
-            kind=features,
-            num_ceps=num_ceps,
-            mean=mean,
-            std=std,
-            pad=pad,
-        )
+        if features.stats == "shards" and len(sources) > 1:
+            raise ValueError(
+                'data.features.stats: "shards" needs a single source; name a dataset or '
+                "give [mean, std]"
+            )
+        self.fbank: FbankConfig = resolve_features(features, sources[0]["shards"])
         self.train_counter = SkipCounter(num_workers)
         self.val_counter = SkipCounter(num_workers)
         self._place: tuple[int, int] | None = None  # (rank, world size)

@@ -7,7 +7,8 @@ A shard folder holds:
     index.json          {"sample_rate", "clips", "splits": {split: {"shards": [{"file",
                         "clips"}], "clips", "hours"}}}
     stats.json          {"clips", "hours", "splits", "rejects", "fbank_mean", "fbank_std",
-                        "fbank_clips", "fbank"}
+                        "fbank_clips", "fbank", "durations": {"p10", "p50", "p90", "p95",
+                        "max" (seconds), "clips"}}
     labels.csv          index,id,name: the class order of label vectors (labelled corpora)
     rejects.jsonl       {"id", "path", "split", "reason"} per input that is in no shard
     manifest.jsonl      the clip list the shards were written from
@@ -269,6 +270,17 @@ def read_stats(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: run `make stats SHARDS={folder}`") from err
     except ValueError as err:
         raise ValueError(f"{path}: not JSON ({err})") from err
+
+
+def duration_quantile(folder: Path, quantile: str) -> float:
+    """A quantile ("p90", ...) of the clip durations in seconds the shard writer recorded."""
+    durations = read_stats(folder).get("durations")
+    if not isinstance(durations, dict) or quantile not in durations:
+        raise ValueError(
+            f"{Path(folder) / STATS_NAME} has no clip durations (written before they were "
+            f"recorded): re-run `make stats SHARDS={folder}`, or give target_length in frames"
+        )
+    return float(durations[quantile])
 
 
 def fbank_stats(folder: Path) -> tuple[float, float]:

@@ -78,6 +78,9 @@ __all__ = [
     "setup_error_line",
 ]
 
+# An argument link: (source, target) or (sources, target, compute_fn); see SsambaCLI.
+Link = tuple[str, str] | tuple[str | tuple[str, ...], str, Callable[..., Any]]
+
 # What building a run from a recipe raises for bad input: reported in one line, exit 2.
 SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
 
@@ -307,8 +310,10 @@ class SaveConfigOnStart(SaveConfigCallback):
 class SsambaCLI(LightningCLI):
     """LightningCLI without subcommands, plus `--ckpt_path` and argument links.
 
-    `links` are `(source, target)` pairs such as `("data.target_length",
-    "model.input_frames")`, so a value that two classes must agree on is written once.
+    `links` are `(source, target)` pairs such as `("data.multi_label", "model.multilabel")`,
+    or `(sources, target, compute_fn)` triples computing the target from several values
+    (the model's input length from `data.features` and the shard folder), so a value that
+    two classes must agree on is written once.
     """
 
     def __init__(
@@ -319,7 +324,7 @@ class SsambaCLI(LightningCLI):
         *,
         prog: str,
         description: str,
-        links: Iterable[tuple[str, str]] = (),
+        links: Iterable[Link] = (),
         exit_on_error: bool = True,
         default_root: str | None = None,
     ) -> None:
@@ -381,8 +386,8 @@ class SsambaCLI(LightningCLI):
                 "is none yet), or give a .ckpt path."
             ),
         )
-        for source, target in self._links:
-            parser.link_arguments(source, target)
+        for source, target, *compute in self._links:
+            parser.link_arguments(source, target, *compute)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The recipe's Trainer, saving checkpoints with `AtomicCheckpointIO` unless the
@@ -463,7 +468,7 @@ def build_cli(
     *,
     prog: str,
     description: str,
-    links: Iterable[tuple[str, str]] = (),
+    links: Iterable[Link] = (),
     default_root: str | None = None,
 ) -> SsambaCLI:
     """Parse a recipe and build task + data + trainer. Errors raised while parsing and

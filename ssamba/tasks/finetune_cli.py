@@ -48,6 +48,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ssamba.data.labelled import LabelledDataModule
 from ssamba.data.loader import rank_batches
+from ssamba.data.transforms import linked_input_frames
+from ssamba.features import FeatureConfig
 from ssamba.files import atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
 from ssamba.tasks.callbacks import EpochWeightAveraging
@@ -93,7 +95,7 @@ class ClassifyCLI(SsambaCLI):
             prog=prog,
             description=DESCRIPTION if description is None else description,
             links=[
-                ("data.target_length", "model.input_frames"),
+                (("data.features", "data.shards"), "model.input_frames", linked_input_frames),
                 ("data.multi_label", "model.multilabel"),
             ],
             exit_on_error=False,
@@ -270,8 +272,10 @@ def number_the_run(configs: dict[str, Namespace], root: Path) -> int:
 
 def check_data(config: Namespace) -> dict[str, int]:
     """Build only the data of a run and split it: a bad fold fails before any training."""
+    data = config["data"].as_dict()
     try:
-        return LabelledDataModule(**config["data"].as_dict()).split_clips()
+        data["features"] = FeatureConfig(**(data.get("features") or {}))
+        return LabelledDataModule(**data).split_clips()
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise RecipeError(one_line(str(error))) from error
 

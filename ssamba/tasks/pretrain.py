@@ -109,7 +109,7 @@ def no_weight_decay(name: str, param: Tensor) -> bool:
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
-@dataclass
+@dataclass(frozen=True)
 class MSPMConfig:
     """Settings of masked spectrogram patch modelling (`model.objective` of a recipe).
 
@@ -140,13 +140,13 @@ class MSPMConfig:
             raise ValueError(f"model.objective.temperature={self.temperature} must be > 0")
         if self.nce_axis not in NCE_AXES:
             raise ValueError(f"model.objective.nce_axis={self.nce_axis!r}: choose {NCE_AXES}")
-        self.cluster_sizes = tuple(self.cluster_sizes)
+        object.__setattr__(self, "cluster_sizes", tuple(self.cluster_sizes))  # YAML lists
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The learning-rate shape of a pretraining run (`model.schedule`), a multiple of `lr`.
 
@@ -170,6 +170,10 @@ class ScheduleConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+DEFAULT_MSPM = MSPMConfig()
+DEFAULT_SCHEDULE = ScheduleConfig()
 
 
 def objective_name(objective: MSPMConfig | EATConfig) -> Literal["mspm", "eat"]:
@@ -203,12 +207,12 @@ class PretrainTask(LightningModule):
         self,
         encoder: EncoderConfig,
         input_frames: int | None = None,
-        objective: MSPMConfig | EATConfig = MSPMConfig(),  # noqa: B008 (a frozen default)
+        objective: MSPMConfig | EATConfig = DEFAULT_MSPM,
         optimizer: Literal["adamw", "adam"] = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 5e-8,
         betas: tuple[float, float] = (0.95, 0.999),
-        schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
+        schedule: ScheduleConfig = DEFAULT_SCHEDULE,
         image_every_n_steps: int = 0,
         seed: int = 0,
     ) -> None:
