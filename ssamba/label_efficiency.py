@@ -647,6 +647,7 @@ def finetune(
     from lightning.pytorch import Trainer
 
     from ssamba.data.labelled import LabelledDataModule
+    from ssamba.features import FeatureConfig
 
     data = LabelledDataModule(
         str(shards),
@@ -654,12 +655,14 @@ def finetune(
         num_workers=0,
         train_filter={"id": list(train_ids)},
         test_filter={"id": list(test_ids)},
-        target_length=fbank_cfg.target_length,
-        pad=fbank_cfg.pad,
-        num_mel_bins=fbank_cfg.num_mel_bins,
-        features=fbank_cfg.kind,
-        num_ceps=fbank_cfg.num_ceps,
-        stats=(fbank_cfg.mean, fbank_cfg.std),
+        features=FeatureConfig(
+            kind=fbank_cfg.kind,
+            num_mel_bins=fbank_cfg.num_mel_bins,
+            num_ceps=fbank_cfg.num_ceps,
+            target_length=fbank_cfg.target_length,
+            stats=(fbank_cfg.mean, fbank_cfg.std),
+            pad=fbank_cfg.pad,
+        ),
         train_crop="start",  # the clips the probes read, every step
         seed=seed,
     )
