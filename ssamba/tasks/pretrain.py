@@ -177,7 +177,7 @@ DEFAULT_SCHEDULE = ScheduleConfig()
 
 
 def objective_name(objective: MSPMConfig | EATConfig) -> Literal["mspm", "eat"]:
-    """ "mspm" or "eat": which objective a config selects (logs, provenance, metrics)."""
+    """Which objective a config selects, "mspm" or "eat" (logs, provenance, metrics)."""
     return "eat" if isinstance(objective, EATConfig) else "mspm"
 
 
