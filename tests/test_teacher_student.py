@@ -12,12 +12,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from test_datamodules import fsdd_clips, write_shard_folder
 
 from ssamba.audio import load_audio
 from ssamba.data.pretrain import PretrainDataModule
 from ssamba.features import FbankConfig, FeatureConfig, clip_features
 from ssamba.models.encoder import EncoderConfig
+from ssamba.tasks import pretrain_cli
 from ssamba.tasks.objectives.eat import EATConfig, ema_decay_at, inverse_block_mask
 from ssamba.tasks.pretrain import MSPMConfig, PretrainTask, ScheduleConfig
 
@@ -192,3 +194,17 @@ def test_a_resumed_run_continues_with_the_checkpoints_teacher(tiny_shards, tmp_p
     assert resumed.teacher.keys() == teacher.keys()
     for name, value in teacher.items():
         assert torch.equal(resumed.teacher[name], value), name
+
+
+def test_dotted_options_edit_the_recipes_objective_and_keep_its_other_settings(capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "fsdd_eat_cpu.yaml"
+    code = pretrain_cli.main(
+        ["--config", str(recipe), "--model.objective.ema_anneal_steps=100", "--print_config"]
+    )
+    objective = yaml.safe_load(capsys.readouterr().out)["model"]["objective"]
+
+    assert code == 0
+    assert objective["class_path"] == "ssamba.tasks.objectives.eat.EATConfig"
+    settings = objective["init_args"]
+    assert settings["ema_anneal_steps"] == 100
+    assert (settings["top_k"], settings["mask_ratio"], settings["ema_decay"]) == (2, 0.75, 0.99)

@@ -13,7 +13,9 @@ defaults, documented options (docs/originals.md#mspm):
 - `nce_axis="original"`: `log_softmax(targets @ preds.T, dim=-1)`, a softmax over the
   predictions, which the released code uses; `"paper"` is equation 1 of the SSAST paper
   (softmax over the candidate targets). ssast#13 discusses the difference.
-- raw dot products (`temperature=1`), targets are the normalised input patches, detached.
+- raw dot products (`temperature=1`), targets are the normalised input patches, detached
+  (with `data.augment.clean_targets`, those of the batch's un-noised `clean` filterbank,
+  while the encoder reads the augmented `fbank`; the teacher-student teacher too).
 - `masking="original"` draws masks as the released code does (biased towards the middle
   frequency rows, patch 0 never masked); `"uniform"` masks every row equally.
 - `val/acc` is the originals' "masked acc": softmax of `targets @ preds.T` over the
@@ -30,7 +32,8 @@ teacher is part of the module (`eat.teacher.*`), so checkpoints carry it; the st
 Learning rate (`model.schedule`, a `ScheduleConfig`; `ssamba.tasks.schedules`): warm-up
 over `warmup_steps` (linear, or the originals' staircase), then `plateau` (halve when the
 validation masked accuracy has not improved for `plateau_patience` evaluations, as the
-originals' ReduceLROnPlateau) or `cosine` to `min_lr` at `trainer.max_steps`.
+originals' ReduceLROnPlateau, which counts the evaluations inside the warm-up too) or
+`cosine` to `min_lr` at `trainer.max_steps`.
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ DEFAULT_SCHEDULE = ScheduleConfig()
 
 
 def objective_name(objective: MSPMConfig | EATConfig) -> Literal["mspm", "eat"]:
-    """ "mspm" or "eat": which objective a config selects (logs, provenance, metrics)."""
+    """Which objective a config selects, "mspm" or "eat" (logs, provenance, metrics)."""
     return "eat" if isinstance(objective, EATConfig) else "mspm"
 
 
