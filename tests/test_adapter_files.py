@@ -14,6 +14,7 @@ from test_finetune import FSDD, SMALL, fsdd_subset, run_options
 
 from ssamba import hear
 from ssamba.embed.cli import main as embed_main
+from ssamba.export import export_program
 from ssamba.export import main as export_main
 from ssamba.models.adapters import AdapterConfig, weights_sha256
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
@@ -188,3 +189,27 @@ def test_the_models_modules_import_each_other_without_a_circle() -> None:
 
     circles = [m for m in graph if reaches(m, m, {m})]
     assert circles == [], f"import circles through {circles}"
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "conv", "lora"])
+def test_adapters_act_once_on_every_scan_path_and_in_an_exported_program(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reversed layers of SSAMBA's pairs run their mixer on flipped tokens; on the
+    composed path (CUDA, SSAMBA_SCAN=ref, export) that once ran the adapter hook twice."""
+    torch.manual_seed(0)
+    encoder = AudioEncoder(EncoderConfig(**SMALL, input_frames=64)).eval()
+    encoder.add_adapters(AdapterConfig(kind=kind, size=4))
+    with torch.no_grad():
+        for p in encoder.adapters.parameters():
+            p.normal_()
+    fbank = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        fused = encoder.forward_features(fbank)
+        monkeypatch.setenv("SSAMBA_SCAN", "ref")
+        reference = encoder.forward_features(fbank)
+        monkeypatch.delenv("SSAMBA_SCAN")
+    torch.testing.assert_close(reference, fused, atol=1e-4, rtol=1e-4)
+
+    _, diff = export_program(EncoderFile(encoder, None), tmp_path / "adapted.pt2")
+    assert diff <= 1e-4

@@ -161,8 +161,8 @@ class MambaMixer(nn.Module):
         """
         if self._cpu_fused_ok(hidden):
             return fused.mamba_inner(hidden, self, reverse)
-        if reverse:
-            return self(hidden.flip(1)).flip(1)
+        if reverse:  # forward, not __call__: hooks (adapters) run once, on this call
+            return self.forward(hidden.flip(1)).flip(1)
         if self._fused_ok(hidden):
             return self._forward_fused(hidden)
         # (batch, d_inner, length) views of the channels-last projection: no copies, and the
