@@ -74,7 +74,7 @@ shards: $(STAMP)  ## shard CORPUS from SRC into OUT (WebDataset tars + rejects.j
 shards-%: $(STAMP)  ## shorthand: make shards-<corpus> SRC=...
 	$(MAKE) shards CORPUS=$* SRC=$(SRC) OUT=$(OUT)
 
-stats: $(STAMP)  ## recompute fbank mean/std of a shard folder: make stats SHARDS=work/shards/fsdd
+stats: $(STAMP)  ## recompute fbank mean/std and clip durations of a shard folder: make stats SHARDS=work/shards/fsdd
 	@test -n "$(SHARDS)" || (echo "usage: make stats SHARDS=<shard folder>"; exit 2)
 	$(PY) -m data_prep stats --shards $(SHARDS)
 

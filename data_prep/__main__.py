@@ -2,7 +2,8 @@
 
 prepare  corpus folder -> manifest.jsonl (+ labels.csv); no audio is decoded
 shard    prepare, then write WebDataset shards, rejects.jsonl, index.json, stats.json
-stats    recompute the fbank (or MFCC) mean/std of a shard folder into its stats.json
+stats    recompute the fbank (or MFCC) mean/std and clip durations of a shard folder into
+         its stats.json
 render-gm-drums  render the GM drum development set from SoundFonts (then shard it)
 render-gm-notes  render unlabelled notes of every melodic GM program (pretraining audio)
 """
@@ -150,7 +151,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
     stats = commands.add_parser(
         "stats",
-        help="recompute fbank mean/std of a shard folder into stats.json",
+        help="recompute fbank mean/std and clip-duration quantiles of a shard folder into stats.json",
         description="Decode the shards listed in index.json and measure the fbank mean/std.",
     )
     stats.add_argument("--shards", type=Path, required=True, help="folder written by `shard`")

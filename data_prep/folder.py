@@ -4,8 +4,10 @@
     src/<split>/<label>/**/clip.wav         split from a top-level train/, valid/ (or val/,
                                             validation/) and test/ folder, label below it
 
-A clip directly in `src` (or directly in a split folder) has no label; `prepare_unlabelled`
-gives none at all. Every format in `ssamba.audio.AUDIO_EXTENSIONS` is taken. Any other
+A clip directly in `src` has no label. A clip directly in a split folder (`train/x.wav`)
+has none either and is rejected, named in one line, when other clips have labels: a
+labelled set cannot train on it, and it would fail later. `prepare_unlabelled` gives no
+labels at all. Every format in `ssamba.audio.AUDIO_EXTENSIONS` is taken. Any other
 file is listed for the shard writer to reject ("not an audio file"), as is a file outside
 the split folders when `src` has them, so nothing in the folder goes unaccounted for.
 
@@ -41,7 +43,7 @@ def prepare_folder(src_dir: Path, out_dir: Path, labels_from_subfolders: bool = 
     # ids from the audio files alone, so `take.txt` beside `take.wav` leaves its id `take`
     audio = [rel for path, rel in zip(files, rels, strict=True) if is_audio(path)]
     ids = dict(zip(audio, path_ids(audio), strict=True))
-    records, outside = [], 0
+    records, outside, unlabelled = [], 0, []
     for path, rel in zip(files, rels, strict=True):
         clip_id = ids.get(rel, rel.as_posix())
         split, inner = _split_of(rel) if by_split else ("train", rel.parts)
@@ -54,6 +56,17 @@ def prepare_folder(src_dir: Path, out_dir: Path, labels_from_subfolders: bool = 
         else:
             labels = [inner[0]] if labels_from_subfolders and len(inner) > 1 else []
             records.append(clip_record(clip_id, path, labels, split))
+            if by_split and labels_from_subfolders and not labels:
+                unlabelled.append(len(records) - 1)
+    if unlabelled and any(r.get("labels") for r in records):
+        for i in unlabelled:
+            record = records[i]
+            folder = PurePosixPath(record["path"]).parent.name
+            reason = f"directly in the split folder {folder}/, not in a label folder below it"
+            print(f"{record['path']}: {reason}; not sharded")
+            records[i] = rejected_record(
+                record["id"], Path(record["path"]), record["split"], reason
+            )
     rejected = sum("reject" in r for r in records)
     if rejected == len(records):
         raise ValueError(_nothing_to_shard(src_dir, len(files), outside))

@@ -5,7 +5,8 @@ Output folder:
     <split>-000000.tar ...   samples `<key>.flac` (16 kHz mono PCM16) + `<key>.json`
     index.json               per split: shard file names, clip counts, hours
     rejects.jsonl            {"id", "path", "split", "reason"} per clip that failed
-    stats.json               clip count, hours, per-split counts, fbank mean/std
+    stats.json               clip count, hours, per-split counts, fbank mean/std,
+                             clip-duration quantiles
     manifest.jsonl, labels.csv, plan.json, <shard>.done.json (per-shard summaries)
 
 The format itself (members, keys, json fields, file names) is defined once, in
@@ -166,7 +167,7 @@ def write_shard(task: ShardTask, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     final = out_dir / task.file
     tmp = out_dir / f"{task.file}.tmp"
-    rejects, moments = [], FbankMoments()
+    rejects, moments, durations = [], FbankMoments(), []
     seconds, clips = 0.0, 0
     with wds.TarWriter(str(tmp)) as sink:
         for record, measure in zip(task.records, task.for_stats, strict=True):
@@ -189,6 +190,7 @@ def write_shard(task: ShardTask, out_dir: Path) -> dict:
             if measure:
                 moments.add(clip_moments(wave, SAMPLE_RATE))
             seconds += duration
+            durations.append(round(duration, 4))
             clips += 1
     if clips:
         tmp.rename(final)
@@ -205,6 +207,7 @@ def write_shard(task: ShardTask, out_dir: Path) -> dict:
         "seconds": seconds,
         "rejects": rejects,
         "moments": moments.to_dict(),
+        "durations": durations,
     }
     summary_tmp = out_dir / f"{task.name}.done.json.tmp"
     summary_tmp.write_text(json.dumps(summary))
@@ -217,6 +220,8 @@ def _finalise(tasks: list[ShardTask], out_dir: Path, expected: int) -> dict:
     summaries = [json.loads(_summary_path(out_dir, t.name).read_text()) for t in tasks]
     splits: dict[str, dict] = {}
     moments = FbankMoments()
+    # None once a summary predates the durations (a shard done by an older writer)
+    durations: list[float] | None = []
     rejects_path = out_dir / REJECTS_NAME
     with rejects_path.open("w") as f:
         for summary in summaries:
@@ -226,6 +231,10 @@ def _finalise(tasks: list[ShardTask], out_dir: Path, expected: int) -> dict:
             split["clips"] += summary["clips"]
             split["hours"] += summary["seconds"] / 3600
             moments.add(FbankMoments.from_dict(summary["moments"]))
+            if durations is not None and "durations" in summary:
+                durations += summary["durations"]
+            else:
+                durations = None
             for reject in summary["rejects"]:
                 f.write(json.dumps(reject) + "\n")
     clips = sum(s["clips"] for s in summaries)
@@ -237,7 +246,7 @@ def _finalise(tasks: list[ShardTask], out_dir: Path, expected: int) -> dict:
     if not clips:
         raise ValueError(f"all {rejects} clips were rejected; reasons in {rejects_path}")
     index = write_index(out_dir, splits)
-    stats = summarise_stats(out_dir, index, moments, rejects)
+    stats = summarise_stats(out_dir, index, moments, rejects, durations)
     per_split = ", ".join(f"{name} {s['clips']}" for name, s in splits.items())
     print(
         f"{clips} clips ({stats['hours']:.2f} h) in {sum(len(s['shards']) for s in splits.values())} "

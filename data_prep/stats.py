@@ -10,7 +10,7 @@ and `mfcc_mean`, `mfcc_std`, `mfcc_num_ceps`, `mfcc_clips` are added to stats.js
 
     python -m data_prep stats --shards work/shards/fsdd --kind mfcc --num-ceps 40
 
-A recipe then passes them as `data.stats: [mean, std]` (the shard writer measures fbank only).
+A recipe then passes them as `data.features.stats: [mean, std]` (the shard writer measures fbank only).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from data_prep.parallel import map_unordered
 from ssamba.audio import load_audio
 from ssamba.data.shard_format import STATS_NAME, read_index, read_stats, write_stats
-from ssamba.data.shards import iter_shard
+from ssamba.data.shards import RawClip, iter_shard
 from ssamba.features import FbankConfig, wav_to_fbank
 
 # Raw filterbank of the whole clip, the settings the models use (docs/originals.md#features).
@@ -80,8 +80,32 @@ def clip_moments(wave: torch.Tensor, sr: int, cfg: FbankConfig = RAW_FBANK) -> F
     return FbankMoments(1, fbank.numel(), float(fbank.sum()), float((fbank * fbank).sum()))
 
 
-def summarise_stats(out_dir: Path, index: dict, moments: FbankMoments, rejects: int) -> dict:
-    """stats.json: counts, hours and the fbank mean/std (with how many clips they cover)."""
+DURATION_QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9, "p95": 0.95, "max": 1.0}
+
+
+def duration_quantiles(seconds: list[float]) -> dict[str, float] | None:
+    """stats.json's "durations": quantiles of the clip durations in seconds (linear
+    interpolation between clips) and the clip count; None without clips."""
+    if not seconds:
+        return None
+    values = torch.tensor(seconds, dtype=torch.float64)
+    levels = torch.tensor(list(DURATION_QUANTILES.values()), dtype=torch.float64)
+    found = torch.quantile(values, levels).tolist()
+    return {
+        **{name: round(v, 4) for name, v in zip(DURATION_QUANTILES, found, strict=True)},
+        "clips": len(seconds),
+    }
+
+
+def summarise_stats(
+    out_dir: Path,
+    index: dict,
+    moments: FbankMoments,
+    rejects: int,
+    durations: list[float] | None,
+) -> dict:
+    """stats.json: counts, hours, the fbank mean/std (with how many clips they cover) and
+    the quantiles of the clip durations (`None`: not known, left out)."""
     splits = index["splits"]
     stats = {
         "clips": index["clips"],
@@ -93,6 +117,9 @@ def summarise_stats(out_dir: Path, index: dict, moments: FbankMoments, rejects: 
         "fbank_clips": moments.clips,
         "fbank": "kaldi fbank 128 mel, 25 ms / 10 ms, hanning, htk, DC removed, real frames only",
     }
+    quantiles = duration_quantiles(durations or [])
+    if quantiles is not None:
+        stats["durations"] = quantiles
     write_stats(out_dir, stats)
     return stats
 
@@ -117,9 +144,10 @@ def compute_stats(
     stride = max(1, math.ceil(index["clips"] / max_clips)) if max_clips else 1
     cfg = raw_features(kind, num_ceps)
     jobs = [(shard_dir / file, stride, cfg) for entries in shards.values() for file, _ in entries]
-    moments = FbankMoments()
-    for part in map_unordered(_shard_moments, jobs, workers):
+    moments, durations = FbankMoments(), []
+    for part, seconds in map_unordered(_shard_moments, jobs, workers):
         moments.add(part)
+        durations += seconds
     stats_path = shard_dir / STATS_NAME
     if kind == "mfcc":
         stats = read_stats(shard_dir) if stats_path.exists() else {}
@@ -133,12 +161,12 @@ def compute_stats(
         write_stats(shard_dir, stats)
         print(
             f"mfcc ({num_ceps} ceps) mean {moments.mean:.6f} std {moments.std:.6f} over "
-            f"{moments.clips} clips -> {stats_path}; recipes: data.stats: "
+            f"{moments.clips} clips -> {stats_path}; recipes: data.features.stats: "
             f"[{moments.mean:.6f}, {moments.std:.6f}]"
         )
         return stats
     rejects = read_stats(shard_dir)["rejects"] if stats_path.exists() else 0
-    stats = summarise_stats(shard_dir, index, moments, rejects)
+    stats = summarise_stats(shard_dir, index, moments, rejects, durations)
     print(
         f"fbank mean {stats['fbank_mean']:.6f} std {stats['fbank_std']:.6f} over "
         f"{moments.clips} clips -> {stats_path}"
@@ -146,11 +174,26 @@ def compute_stats(
     return stats
 
 
-def _shard_moments(job: tuple[Path, int, FbankConfig]) -> FbankMoments:
+def clip_seconds(clip: RawClip, path: Path) -> float:
+    """A clip's duration: its json's `duration` (the writer's), else decoded from its audio."""
+    seconds = clip.meta.get("duration")
+    if isinstance(seconds, int | float) and seconds > 0:
+        return float(seconds)
+    wave, sr = load_audio(clip.audio, name=f"{path.name}:{clip.key}")
+    return wave.numel() / sr
+
+
+def _shard_moments(job: tuple[Path, int, FbankConfig]) -> tuple[FbankMoments, list[float]]:
+    """Moments of every `stride`-th clip of a shard, and every clip's duration (seconds)."""
     path, stride, cfg = job
-    moments = FbankMoments()
+    moments, durations = FbankMoments(), []
     for i, clip in enumerate(iter_shard(str(path))):
-        if i % stride == 0 and clip.audio is not None:
+        if clip.audio is None:
+            continue
+        if i % stride == 0:
             wave, sr = load_audio(clip.audio, name=f"{path.name}:{clip.key}")
             moments.add(clip_moments(wave, sr, cfg))
-    return moments
+            durations.append(wave.numel() / sr)
+        else:  # the writer's json says how long the clip is; decode only if it does not
+            durations.append(clip_seconds(clip, path))
+    return moments, durations

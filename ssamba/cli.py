@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "continual": ("ssamba.continual:main", "a sequence of tasks on one frozen encoder (adapters)"),
     "embed": ("ssamba.embed.cli:main", "embeddings for audio files or folders"),
+    "predict": ("ssamba.predict:main", "label audio files with a fine-tuned classifier"),
     "export": ("ssamba.export:main", "write the encoder of any checkpoint as an encoder file"),
     "bench": ("ssamba.bench.__main__:main", "speed and memory benchmarks"),
 }

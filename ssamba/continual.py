@@ -57,7 +57,6 @@ from typing import Any
 
 import yaml
 
-from ssamba.models.adapters import load_adapter_file
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 PROG = "ssamba continual"
@@ -192,7 +191,7 @@ def run_method(recipe: dict[str, Any], method: str, out: Path) -> dict[str, Any]
         print(f"   {method} after {name!r}: " + ", ".join(f"{a:.4f}" for a in row), flush=True)
         matrix.append(row)
     if method == "adapter":  # the shared encoder must be the one every file refers to
-        load_adapter_file(folder / f"{tasks[0]['name']}.pt", base=init)
+        load_encoder_file(folder / f"{tasks[0]['name']}.pt", base=init)
     return summarise(matrix, trainable, fraction, (time.perf_counter() - start) / 60)
 
 

@@ -1,11 +1,13 @@
-"""`ssamba export IN OUT [--format encoder|exported-program|onnx]`: write an encoder to use elsewhere.
+"""`ssamba export IN OUT [--format encoder|hf|exported-program|onnx]`: write an encoder to use elsewhere.
 
-IN is anything `ssamba.models.load_encoder_file` reads: a Lightning .ckpt of `ssamba
+IN is anything `ssamba.models.load_encoder_file` reads (an adapter run's file too): a Lightning .ckpt of `ssamba
 pretrain` / `ssamba finetune`, an official SSAMBA/SSAST/AuM .pth (pretrained or
 fine-tuned), or an encoder file. Formats:
 
 - `encoder` (default): a self-describing encoder file (re-written in the current format),
-  keeping the feature settings, labels and head that IN carries;
+  keeping the feature settings, labels, head and adapters that IN carries;
+- `hf`: the same as a Hugging Face-style folder OUT/ (`config.json` + `model.safetensors`,
+  no pickle; `EncoderFile.save_pretrained`), which every ssamba command reads;
 - `exported-program`: `torch.export` of the encoder, saved with `torch.export.save`: fbank
   features (batch, frames, mel_bins) in, the mean-pooled embedding (batch, dim) and the
   tokens (batch, prefix + patches, dim) out; any batch size, the encoder's frame count.
@@ -19,8 +21,10 @@ ops (`ssamba::selective_scan`, `ssamba::causal_conv1d_silu`), then those ops are
 decomposed into plain ATen ops (`scan_decomposition`, `conv_decomposition`), so the file
 runs wherever torch does. Before anything is written, the program's outputs are compared
 with the eager encoder's on random features; a file whose largest difference exceeds
-`TOLERANCE` is refused. The feature settings go alongside in `OUT.json` (the FbankConfig,
-so users can compute the inputs, and the input and output shapes).
+`TOLERANCE` is refused. `OUT.json` goes alongside: the complete input recipe (sample rate,
+DC removal, the Kaldi filterbank options, frames, padding rule, the normalisation
+`(x - mean) / (2 * std)` with its constants), where each time step of the tokens lies,
+and the input and output shapes; docs/export.md turns it into a few lines of torchaudio.
 """
 
 from __future__ import annotations
@@ -31,18 +35,23 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssamba.embed import Windowing, trained_features
+from ssamba.features import FbankConfig, kaldi_options
 from ssamba.models.encoder import AudioEncoder
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
 PROG = "ssamba export"
-FORMATS = ("encoder", "exported-program", "onnx")
+FORMATS = ("encoder", "hf", "exported-program", "onnx")
+PROGRAM_FORMATS = ("exported-program", "onnx")
 TOLERANCE = 1e-4
 OUTPUTS = ("embedding", "tokens")
 EXAMPLE_BATCH = 2
@@ -57,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt, an official .pth or encoder file")
-    parser.add_argument("out", type=Path, help="file to write (e.g. encoder.pt, encoder.pt2)")
+    parser.add_argument(
+        "out", type=Path, help="file to write (e.g. encoder.pt, encoder.pt2), or a folder (hf)"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
         default="encoder",
-        help="encoder: ssamba encoder file (default); exported-program: torch.export program; "
-        "onnx: ONNX model",
+        help="encoder: ssamba encoder file (default); hf: a folder with config.json and "
+        "model.safetensors; exported-program: torch.export program; onnx: ONNX model",
     )
     parser.add_argument(
         "--source-stride",
@@ -85,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "encoder":
             path = bundle.save(args.out)
             print(f"{path}: {bundle.describe()}")
+        elif args.format == "hf":
+            path = bundle.save_pretrained(args.out)
+            print(f"{path}/: config.json + model.safetensors of the {bundle.describe()}")
         else:
             path, diff = export_program(bundle, args.out, args.format)
             print(f"{path}: {args.format} of the {bundle.describe()}")
@@ -123,8 +137,8 @@ def export_program(
     Returns (out, largest absolute difference to the eager encoder). Raises ExportError,
     leaving no file, when the export fails or its outputs differ by more than TOLERANCE.
     """
-    if fmt not in FORMATS[1:]:
-        raise ExportError(f"format: expected one of {FORMATS[1:]}, got {fmt!r}")
+    if fmt not in PROGRAM_FORMATS:
+        raise ExportError(f"format: expected one of {PROGRAM_FORMATS}, got {fmt!r}")
     encoder = bundle.encoder.eval()
     cfg = encoder.cfg
     generator = torch.Generator().manual_seed(0)
@@ -317,17 +331,82 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def input_recipe(bundle: EncoderFile) -> dict[str, Any]:
+    """How to compute the program's input from a waveform, step by step, with every
+    constant: what `ssamba embed` does for a clip of at most one window (docs/export.md)."""
+    cfg = bundle.encoder.cfg
+    fbank = _inference_features(bundle)
+    return {
+        "sample_rate": fbank.sample_rate,
+        "channels": "mono: average the channels",
+        "steps": [
+            "remove DC: subtract the waveform's mean",
+            f"torchaudio.compliance.kaldi.{fbank.kind}(wave[None], **kaldi) -> (frames, "
+            f"{fbank.feature_dim})",
+            f"pad or cut to {cfg.input_frames} frames (padding rule below; a longer clip: "
+            "keep the first frames, or cut it into windows as `ssamba embed` does)",
+            "normalise: (x - mean) / (2 * std)",
+        ],
+        "features": fbank.kind,
+        "kaldi": kaldi_options(fbank),
+        "frames": cfg.input_frames,
+        "padding": fbank.pad,
+        "padding_rule": PADDING_RULES[fbank.pad],
+        "normalisation": {
+            "formula": "(x - mean) / (2 * std)",
+            "mean": fbank.mean,
+            "std": fbank.std,
+        },
+        "assumed": bundle.features is None,
+    }
+
+
+def _inference_features(bundle: EncoderFile) -> FbankConfig:
+    """The features `ssamba embed` computes for this encoder (the pretraining defaults
+    when the file records none: export's own note says so once, hence no warning here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trained_features(bundle)
+
+
+# The two `FbankConfig.pad` rules, said for users of an exported file.
+PADDING_RULES = {
+    "zeros": "append frames of 0 (log-mel domain, before normalising)",
+    "floor": "append copies of each bin's minimum over the clip's own frames (before normalising)",
+}
+
+
+def time_steps(bundle: EncoderFile) -> dict[str, Any]:
+    """Where each time step of the tokens lies, to pool only steps inside a short clip as
+    `ssamba embed` does: patch tokens are frequency-major (index = f * T + t)."""
+    encoder = bundle.encoder
+    windowing = Windowing.for_encoder(encoder, _inference_features(bundle))
+    first = torch.arange(encoder.grid[1]) * windowing.stride_frames
+    return {
+        "prefix_tokens": {"count": encoder.cfg.prefix_tokens, "start": encoder.prefix_start},
+        "grid": list(encoder.grid),
+        "centres_ms": windowing.centre_ms(first).tolist(),
+        "rule": "a clip's embedding averages the time steps whose centre is before the "
+        "clip's end (at least the first), each the mean of its frequency patches",
+    }
+
+
 def _sidecar(bundle: EncoderFile, fmt: str, diff: float) -> dict:
     cfg = bundle.encoder.cfg
     tokens = cfg.prefix_tokens + bundle.encoder.num_patches
     return {
         "format": fmt,
-        "input": {"name": "fbank", "shape": ["batch", cfg.input_frames, cfg.num_mel_bins]},
+        "input": {
+            "name": "fbank",
+            "shape": ["batch", cfg.input_frames, cfg.num_mel_bins],
+            "recipe": input_recipe(bundle),
+        },
         "outputs": {
             "embedding": ["batch", cfg.embed_dim],
             "tokens": ["batch", tokens, cfg.embed_dim],
         },
         "pooling": "mean of the patch tokens",
+        "time_steps": time_steps(bundle),
         "prefix_tokens": {"count": cfg.prefix_tokens, "start": bundle.encoder.prefix_start},
         "features": None if bundle.features is None else bundle.features.for_inference().to_dict(),
         "encoder": cfg.to_dict(),

@@ -19,6 +19,7 @@ Shapes: waveforms are mono `(samples,)`; filterbanks are `(frames, n_mels)`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -117,6 +118,83 @@ class FbankConfig:
         return 1 + (num_samples - self.frame_length_samples) // shift
 
 
+def kaldi_options(cfg: FbankConfig) -> dict[str, Any]:
+    """Keyword arguments of `torchaudio.compliance.kaldi.fbank` (or `.mfcc` for kind mfcc)
+    that `wav_to_fbank` passes: the originals' settings (also written into exported models'
+    input recipes)."""
+    options: dict[str, Any] = dict(
+        sample_frequency=cfg.sample_rate,
+        htk_compat=True,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=cfg.num_mel_bins,
+        dither=0.0,
+        frame_shift=cfg.frame_shift_ms,
+        frame_length=cfg.frame_length_ms,
+    )
+    if cfg.kind == "mfcc":
+        options["num_ceps"] = cfg.num_ceps
+    return options
+
+
+# `target_length: auto`: this quantile of the clips' durations (stats.json), in frames,
+# rounded up to a multiple of 16 (the time size of every recipe's 16 x 16 patches, and a
+# multiple of the 2- and 4-frame widths of frame and 16 x 4 patches), at most 1024 (the
+# originals' 10.24 s window).
+AUTO_QUANTILE = "p90"
+AUTO_MULTIPLE = 16
+AUTO_MAX_FRAMES = 1024
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What a recipe says about the model input (`data.features`), the same for
+    pretraining and fine-tuning; `ssamba.data.transforms.resolve_features` turns it into
+    the concrete `FbankConfig` of a shard folder.
+
+    kind: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps` Kaldi MFCCs
+        over the same frames; the encoder then reads `num_ceps` bins).
+    num_mel_bins: mel bins of the Kaldi filterbank.
+    num_ceps: MFCC coefficients per frame.
+    target_length: frames per example (1024 = 10.24 s, the originals' pretraining; ESC-50
+        512, Speech Commands 128); longer clips are cropped, shorter ones padded. "auto":
+        the 90th percentile of the shard folder's clip durations (its stats.json), in
+        frames, rounded up to a multiple of 16, at most 1024.
+    stats: normalisation: "shards" (stats.json of the shard folder), a published dataset
+        name ("asli", "esc50", ...; needed to match official checkpoints) or [mean, std].
+    pad: how clips shorter than `target_length` are filled: "zeros" (the originals: log-mel
+        0, loud after normalisation) or "floor" (each bin's quietest value in the clip).
+    """
+
+    kind: Literal["fbank", "mfcc"] = "fbank"
+    num_mel_bins: int = 128
+    num_ceps: int = 40
+    target_length: int | Literal["auto"] = 1024
+    stats: str | tuple[float, float] = "shards"
+    pad: PadMode = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.target_length != "auto" and (
+            not isinstance(self.target_length, int) or self.target_length <= 0
+        ):
+            raise ValueError(
+                f"data.features.target_length: frames > 0 or 'auto', got {self.target_length!r}"
+            )
+
+
+DEFAULT_FEATURES = FeatureConfig()
+
+
+def auto_target_length(seconds: float, sample_rate: int = 16000, shift_ms: float = 10.0) -> int:
+    """Frames of a clip lasting `seconds` (Kaldi framing: 25 ms windows every `shift_ms`),
+    rounded up to a multiple of `AUTO_MULTIPLE`, at most `AUTO_MAX_FRAMES`.
+
+    FSDD's 90th percentile, 0.605 s, is 59 frames -> 64."""
+    cfg = FbankConfig(sample_rate=sample_rate, frame_shift_ms=shift_ms)
+    frames = max(1, cfg.num_frames(round(seconds * sample_rate)))
+    return min(AUTO_MAX_FRAMES, math.ceil(frames / AUTO_MULTIPLE) * AUTO_MULTIPLE)
+
+
 def wav_to_fbank(
     wave: torch.Tensor,
     sr: int,
@@ -145,20 +223,10 @@ def wav_to_fbank(
         )
     wave = wave.float()
     wave = (wave - wave.mean()).unsqueeze(0)  # DC removal, then Kaldi wants (channels, samples)
-    common = dict(
-        sample_frequency=sr,
-        htk_compat=True,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=cfg.num_mel_bins,
-        dither=0.0,
-        frame_shift=cfg.frame_shift_ms,
-        frame_length=cfg.frame_length_ms,
-    )
     if cfg.kind == "mfcc":
-        feats = torchaudio.compliance.kaldi.mfcc(wave, num_ceps=cfg.num_ceps, **common)
+        feats = torchaudio.compliance.kaldi.mfcc(wave, **kaldi_options(cfg))
     else:
-        feats = torchaudio.compliance.kaldi.fbank(wave, **common)
+        feats = torchaudio.compliance.kaldi.fbank(wave, **kaldi_options(cfg))
     if cfg.target_length is None:
         return feats
     return pad_or_crop(feats, cfg.target_length, crop or cfg.crop, generator=generator, pad=cfg.pad)

@@ -68,11 +68,11 @@ import torch
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
+from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.probe import linear_probe
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "ssamba label-efficiency"
-CPU_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
+CPU_RECIPE = RECIPES / "pretrain" / "fsdd_tiny_cpu.yaml"
 INITS = ("pretrained", "random", "fbank-stats")
 LEARNED = ("pretrained", "random")  # the inits with an encoder (fbank-stats has none)
 MODES = ("linear", "finetune")
@@ -289,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_encoder(args.encoder)
         elif args.pretrain_shards:
             check_no_test_audio(args.shards, protocol.folds, args.pretrain_shards)
-        if not Path(args.pretrain_recipe).is_file() and not args.encoder:
-            raise InputError(f"--pretrain-recipe {args.pretrain_recipe}: no such file")
+        if not args.encoder:  # a recipe file, or a packaged recipe by name
+            try:
+                args.pretrain_recipe = recipe_path(args.pretrain_recipe)
+            except FileNotFoundError as error:
+                raise InputError(f"--pretrain-recipe {error}") from None
         from ssamba.tasks.finetune_cli import new_run_folder
 
         out = new_run_folder(args.out)
@@ -503,7 +506,7 @@ def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[P
         str(args.pretrain_recipe),
         f"--data.sources={json.dumps(sources)}",
         f"--data.val={json.dumps(val)}",
-        f"--data.stats=[{mean}, {std}]",
+        f"--data.features.stats=[{mean}, {std}]",
         f"--trainer.default_root_dir={folder}",
         f"--trainer.logger.init_args.save_dir={folder}",
         *shlex.split(args.pretrain_args),
@@ -646,6 +649,7 @@ def finetune(
     from lightning.pytorch import Trainer
 
     from ssamba.data.labelled import LabelledDataModule
+    from ssamba.features import FeatureConfig
     from ssamba.tasks.cli_common import quiet_lightning
 
     data = LabelledDataModule(
@@ -654,12 +658,14 @@ def finetune(
         num_workers=0,
         train_filter={"id": list(train_ids)},
         test_filter={"id": list(test_ids)},
-        target_length=fbank_cfg.target_length,
-        pad=fbank_cfg.pad,
-        num_mel_bins=fbank_cfg.num_mel_bins,
-        features=fbank_cfg.kind,
-        num_ceps=fbank_cfg.num_ceps,
-        stats=(fbank_cfg.mean, fbank_cfg.std),
+        features=FeatureConfig(
+            kind=fbank_cfg.kind,
+            num_mel_bins=fbank_cfg.num_mel_bins,
+            num_ceps=fbank_cfg.num_ceps,
+            target_length=fbank_cfg.target_length,
+            stats=(fbank_cfg.mean, fbank_cfg.std),
+            pad=fbank_cfg.pad,
+        ),
         train_crop="start",  # the clips the probes read, every step
         seed=seed,
     )

@@ -14,9 +14,7 @@ from torch.utils.data import DataLoader
 
 from ssamba.models.adapters import (
     AdapterConfig,
-    AdapterFileError,
     base_state_dict,
-    load_adapter_file,
     weights_sha256,
 )
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
@@ -219,7 +217,7 @@ def test_adapter_file_reloads_on_its_base_and_refuses_another(tmp_path, base_fil
     x = features()
     expected = task.eval()(x)
 
-    bundle = load_adapter_file(path)  # the base path recorded in the file
+    bundle = load_encoder_file(path)  # the base path recorded in the file
     head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 3))
     head.load_state_dict(bundle.head)
     pooled = bundle.encoder.pool(bundle.encoder.forward_features(x), "mean")
@@ -227,10 +225,8 @@ def test_adapter_file_reloads_on_its_base_and_refuses_another(tmp_path, base_fil
 
     other = tmp_path / "other.pt"
     EncoderFile(tiny("ssamba", seed=7), None).save(other)
-    with pytest.raises(AdapterFileError, match=r"belong to base encoder .*not to .*other\.pt"):
-        load_adapter_file(path, base=other)
-    with pytest.raises(CheckpointError, match="'ssamba-adapters' file, not an encoder"):
-        load_encoder_file(path)
+    with pytest.raises(CheckpointError, match=r"belong to base encoder .*not to .*other\.pt"):
+        load_encoder_file(path, base=other)
 
 
 def test_adapter_mode_needs_a_pretrained_encoder_file():

@@ -113,8 +113,7 @@ def two_task_setup(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                     "batch_size": 8,
                     "num_workers": 0,
                     "val_fraction": 0.2,
-                    "target_length": 64,
-                    "stats": [-8.8, 4.6],
+                    "features": {"target_length": 64, "stats": [-8.8, 4.6]},
                 },
                 "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_model_summary": False},
             }

@@ -23,18 +23,19 @@ from jsonargparse import ArgumentParser
 
 from ssamba.audio import load_audio
 from ssamba.data import LabelledDataModule, PretrainDataModule
-from ssamba.features import DATASET_STATS
+from ssamba.features import DATASET_STATS, FeatureConfig
 
 DIGITS = [str(d) for d in range(10)]
 
 
 @dataclass
 class FixtureClip:
-    """One sample to write: key, audio bytes (flac unless planted otherwise) and its json."""
+    """One sample to write: key, audio bytes (flac unless planted otherwise) and its json
+    (a dict, or the member's bytes as they are for crafted json)."""
 
     key: str
     audio: bytes | None
-    meta: dict[str, Any] | None = field(default_factory=dict)
+    meta: dict[str, Any] | bytes | None = field(default_factory=dict)
 
 
 def flac_bytes(wave: torch.Tensor) -> bytes:
@@ -92,7 +93,9 @@ def write_shard_folder(
                     if clip.audio is not None:
                         ext = "wav" if clip.audio.startswith(b"RIFF") else "flac"
                         sample[ext] = clip.audio
-                    if clip.meta is not None:
+                    if isinstance(clip.meta, bytes):
+                        sample["json"] = clip.meta
+                    elif clip.meta is not None:
                         sample["json"] = json.dumps(clip.meta).encode()
                     sink.write(sample)
             entries.append({"file": name, "clips": len(clips)})
@@ -139,7 +142,7 @@ def test_validation_pass_reads_every_clip_exactly_once(tmp_path, fsdd16):
         val={"shards": str(folder)},
         batch_size=4,
         num_workers=2,
-        target_length=32,
+        features=FeatureConfig(target_length=32),
     )
     dm.setup("fit")
     loader = dm.val_dataloader()
@@ -157,8 +160,7 @@ def test_stream_gives_steps_per_epoch_batches_of_normalised_fbank(tmp_path, fsdd
         steps_per_epoch=5,
         num_workers=2,
         shuffle_buffer=20,
-        target_length=48,
-        stats="shards",
+        features=FeatureConfig(target_length=48, stats="shards"),
     )
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -210,7 +212,7 @@ def test_mixing_weights_set_the_share_of_each_source(tmp_path, fsdd16):
         steps_per_epoch=20,
         num_workers=1,
         shuffle_buffer=10,
-        target_length=16,
+        features=FeatureConfig(target_length=16, stats="asli"),  # two folders: no "shards"
     )
     dm.setup("fit")
     ids = ids_of(dm.train_dataloader())
@@ -235,7 +237,7 @@ def test_corrupt_clips_are_skipped_and_counted_not_fatal(tmp_path, fsdd16, caplo
         batch_size=4,
         steps_per_epoch=6,
         num_workers=2,
-        target_length=16,
+        features=FeatureConfig(target_length=16),
     )
     dm.setup("fit")
     val_ids = ids_of(dm.val_dataloader())
@@ -256,6 +258,41 @@ def test_corrupt_clips_are_skipped_and_counted_not_fatal(tmp_path, fsdd16, caplo
     assert "nojson: missing or unparsable .json" in caplog.text
 
 
+def crafted_json_clips(audio: bytes) -> list[FixtureClip]:
+    """Clips whose json a reader must refuse: 10,000 levels deep, and labels that are no
+    list of strings (`5`, `[["zero"]]`)."""
+    deep = b'{"id": "deep", "labels": ["1"], "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    return [
+        FixtureClip("deep", audio, deep),
+        FixtureClip("labels5", audio, {"id": "labels5", "labels": 5}),
+        FixtureClip("nested_labels", audio, {"id": "nested_labels", "labels": [["0"]]}),
+    ]
+
+
+def test_json_too_deep_or_with_labels_not_strings_is_skipped_and_counted(tmp_path, fsdd16, caplog):
+    caplog.set_level("WARNING")
+    good = fsdd16[:8]
+    folder = write_shard_folder(
+        tmp_path / "s", {"train": [good[:4] + crafted_json_clips(good[0].audio) + good[4:]]}
+    )
+    pretrain = PretrainDataModule(
+        sources=[{"shards": str(folder)}], val={"shards": str(folder)}, batch_size=4,
+        steps_per_epoch=2, num_workers=0, features=FeatureConfig(target_length=16),
+    )  # fmt: skip
+    pretrain.setup("fit")
+    assert sorted(ids_of(pretrain.val_dataloader())) == sorted(c.key for c in good)
+    assert pretrain.val_counter.totals()["bad_metadata"] == 3
+    assert "deep: .json refused: nested 10001 levels deep" in caplog.text
+    assert "labels5: .json refused: labels 5: not a string or a list of strings" in caplog.text
+    labelled = LabelledDataModule(
+        shards=str(folder), batch_size=4, num_workers=0, features=FeatureConfig(target_length=16),
+        test_filter={"speaker": "theo"},
+    )  # fmt: skip
+    labelled.setup("fit")
+    assert sorted(ids_of(labelled.train_dataloader())) == sorted(c.key for c in good)
+    assert labelled.skipped()["bad_metadata"] == 3
+
+
 def test_missing_folder_and_split_errors_name_them(tmp_path, fsdd16):
     with pytest.raises(FileNotFoundError, match=r"sources\[0\].*nowhere"):
         PretrainDataModule(sources=[{"shards": str(tmp_path / "nowhere")}])
@@ -268,7 +305,8 @@ def test_missing_folder_and_split_errors_name_them(tmp_path, fsdd16):
 
 
 def labelled(folder: Path, **kwargs) -> LabelledDataModule:
-    options = {"batch_size": 8, "num_workers": 2, "target_length": 32} | kwargs
+    options = {"batch_size": 8, "num_workers": 2, "features": FeatureConfig(target_length=32)}
+    options |= kwargs
     return LabelledDataModule(str(folder), **options)
 
 
@@ -392,7 +430,7 @@ def test_datamodules_build_from_a_yaml_recipe_through_jsonargparse(tmp_path, fsd
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"labelled:\n  shards: {folder}\n  test_filter: {{speaker: theo}}\n  val_fold: next\n"
-        f"  stats: [-6.8, 5.5]\n  mixup: 0.6\n"
+        f"  features: {{stats: [-6.8, 5.5]}}\n  mixup: 0.6\n"
         f"pretrain:\n  sources:\n    - {{shards: {folder}, weight: 2.0, splits: [train]}}\n"
         f"  val: {{shards: {folder}}}\n  steps_per_epoch: 10\n"
     )

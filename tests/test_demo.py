@@ -31,7 +31,6 @@ def test_every_option_is_one_label_efficiency_accepts(budget: tuple[str, ...]) -
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
 def test_quick_demo_pretrains_without_the_held_out_speakers_and_reports_them(
     fsdd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,7 +27,7 @@ from ssamba.features import FbankConfig
 from ssamba.models import AudioEncoder, CheckpointError, EncoderConfig, load_encoder_file
 from ssamba.models.encoder_file import EncoderFile
 from ssamba.s3prl import UpstreamExpert
-from ssamba.tasks.pretrain import PretrainTask
+from ssamba.tasks.pretrain import MSPMConfig, PretrainTask
 
 # An encoder pretrained on FSDD: its own statistics, 2.56 s inputs.
 FSDD_MEAN, FSDD_STD = -8.77, 4.64
@@ -154,7 +154,7 @@ def write_pretraining_checkpoint(path: Path, features: FbankConfig) -> AudioEnco
     """A `last.ckpt` as `ssamba pretrain` writes it: the task's state dict, hyperparameters
     and what its `on_save_checkpoint` adds; `features` as its data module reports them."""
     cfg = EncoderConfig.preset("ssamba", "tiny", embed_dim=WIDTH, depth=4)
-    task = PretrainTask(encoder=cfg, input_frames=INPUT_FRAMES, n_masked=50)
+    task = PretrainTask(encoder=cfg, input_frames=INPUT_FRAMES, objective=MSPMConfig(n_masked=50))
     checkpoint = {
         "state_dict": task.state_dict(),
         "global_step": 7,

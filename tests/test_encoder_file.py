@@ -151,12 +151,12 @@ def test_official_fine_tuned_files_get_their_recipes_stride_and_length(
 def test_a_file_of_the_wrong_kind_says_what_it_is(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello\n")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    torch.save({"format": "ssamba-adapters", "version": 1}, tmp_path / "task.pt")
+    torch.save({"format": "ssamba-results", "version": 1}, tmp_path / "task.pt")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     cases = {
         "notes.txt": "is not a readable checkpoint",
         "list.pt": "holds a list, not a checkpoint",
-        "task.pt": "a 'ssamba-adapters' file, not an encoder",
+        "task.pt": "a 'ssamba-results' file, not an encoder",
         "other.pt": "nor an official SSAMBA/SSAST/AuM checkpoint",
     }
     for name, message in cases.items():

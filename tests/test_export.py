@@ -9,12 +9,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from ssamba.embed.cli import main as embed_main
 from ssamba.export import ExportError, export_program, main
+from ssamba.features import FbankConfig
 from ssamba.models.encoder_file import load_encoder_file
 from tests._encoder_files import INPUT_FRAMES, write_small_encoder
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter where `import ssamba` fails: the program must need torch only.
 WITHOUT_SSAMBA = textwrap.dedent(
@@ -60,7 +65,6 @@ def test_exported_program_runs_without_ssamba_and_matches_eager(family, tmp_path
         capture_output=True,
         text=True,
         cwd=tmp_path,  # not the repository: ssamba must not be found by accident
-        timeout=300,
     )
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -88,3 +92,39 @@ def test_onnx_export_runs_and_matches_eager(tmp_path, capsys):
     output = capsys.readouterr()
     assert code == 0, output.err  # an export that fails is a failure, whatever it says
     assert out.is_file() and "max abs diff" in output.out
+
+
+def docs_snippet(marker: str) -> str:
+    """The python block after `<!-- snippet: marker -->` in docs/export.md."""
+    text = (REPO / "docs" / "export.md").read_text()
+    after = text.split(f"<!-- snippet: {marker} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_torchaudio_recipe_and_the_exported_file_equal_ssamba_embed(tmp_path, fsdd_dir):
+    features = FbankConfig(target_length=INPUT_FRAMES, mean=-5.5, std=3.5, pad="floor")
+    source = write_small_encoder(tmp_path / "model.pt", features=features)
+    assert main([str(source), str(tmp_path / "encoder.pt2"), "--format", "exported-program"]) == 0
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes((fsdd_dir / "recordings" / "7_jackson_3.wav").read_bytes())
+    recipe = json.loads((tmp_path / "encoder.pt2.json").read_text())["input"]["recipe"]
+    assert recipe["normalisation"] == {
+        "formula": "(x - mean) / (2 * std)",
+        "mean": -5.5,
+        "std": 3.5,
+    }
+    assert recipe["padding"] == "floor" and recipe["frames"] == INPUT_FRAMES
+
+    script = (
+        'import sys\nsys.modules["ssamba"] = None\n'
+        + docs_snippet("torchaudio-only")
+        + '\ntorch.save(clip_embedding, "snippet.pt")\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert embed_main([str(clip), "--ckpt", str(source), "--out", str(tmp_path / "e.npy")]) == 0
+
+    expected = torch.from_numpy(np.load(tmp_path / "e.npy"))[0]
+    torch.testing.assert_close(torch.load(tmp_path / "snippet.pt"), expected, atol=1e-5, rtol=1e-5)

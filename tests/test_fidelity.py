@@ -33,13 +33,14 @@ def test_faithful_pretraining_recipes_mask_warm_up_and_compute_as_the_originals(
     recipe: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = printed_config(pretrain_main, recipe, capsys)
-    model = config["model"]
-    assert (model["masking"], model["warmup"], model["warmup_steps"]) == (
+    objective = config["model"]["objective"]["init_args"]
+    schedule = config["model"]["schedule"]
+    assert (objective["masking"], schedule["warmup"], schedule["warmup_steps"]) == (
         "original",
         "staircase",
         1000,
     )
-    assert model["schedule"] == "plateau" and model["nce_axis"] == "original"
+    assert schedule["kind"] == "plateau" and objective["nce_axis"] == "original"
     assert config["trainer"]["precision"] == "32-true"  # the originals never used autocast
 
 
@@ -84,3 +85,38 @@ def test_resize_input_uses_each_familys_rule() -> None:
         expected = resize_pos_grid(grid_before, (8, 64), (8, 32), antialias=antialias)
         torch.testing.assert_close(encoder.pos_embed[:, prefix:].detach(), expected)
         assert encoder.grid == (8, 32)
+
+
+FINETUNE = REPO / "recipes" / "finetune"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        # s3prl's stock SID config, which SSAMBA's run_sid.sh runs; SSAMBA's lr
+        ("voxceleb1_sid", {"batch_size": 8, "accumulate": 4, "max_steps": 200000, "lr": 1e-4}),
+        # s3prl's stock emotion config, which SSAMBA's run_er.sh runs; SSAMBA's lr
+        ("iemocap_er", {"batch_size": 4, "accumulate": 8, "max_steps": 30000, "lr": 1e-5}),
+        # SSAST's SUPERB KS budget at its patch models' rate
+        ("ks1", {"batch_size": 32, "accumulate": 1, "max_steps": 20000, "lr": 1e-4}),
+    ],
+)
+def test_superb_recipes_train_with_the_budgets_of_ssambas_scripts(
+    recipe: str, expected: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = printed_config(finetune_main, FINETUNE / f"{recipe}.yaml", capsys)
+    trainer = config["trainer"]
+    assert {
+        "batch_size": config["data"]["batch_size"],
+        "accumulate": trainer["accumulate_grad_batches"],
+        "max_steps": trainer["max_steps"],
+        "lr": config["model"]["lr"],
+    } == expected
+
+
+@pytest.mark.parametrize("recipe", ["speechcommands_v1", "speechcommands_v2"])
+def test_speech_commands_warm_up_in_the_originals_staircase(
+    recipe: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = printed_config(finetune_main, FINETUNE / f"{recipe}.yaml", capsys)["model"]
+    assert (model["warmup"], model["warmup_steps"]) == ("staircase", 1000)

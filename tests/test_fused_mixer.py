@@ -60,12 +60,10 @@ def test_fused_output_and_every_gradient_equal_the_composed_reference(
         assert_close(f"d {name}", grads[name], want_grads[name])
 
 
-@pytest.mark.parametrize("recompute_in_proj", [True, False])
-def test_biases_other_state_sizes_and_ranks_match_the_reference(recompute_in_proj, monkeypatch):
+def test_biases_other_state_sizes_and_ranks_match_the_reference(monkeypatch):
     """in_proj/out_proj biases, no conv bias, d_state 4 and dt_rank 5 (odd) are all
     handled by the op's layout and the kernels' run-time sizes."""
     mixer = make_mixer("v2", bias=True, conv_bias=False, d_state=4, dt_rank=5)
-    mixer.recompute_in_proj = recompute_in_proj
     hidden = torch.randn(2, LENGTH, D_MODEL, generator=torch.Generator().manual_seed(1))
     out, d_hidden, grads = output_and_grads(mixer, hidden, fast=True)
     monkeypatch.setenv("SSAMBA_SCAN", "ref")
@@ -114,13 +112,11 @@ def op_inputs(bimamba: str, dtype=torch.float64, length: int = 70, d_model: int 
 
 
 @pytest.mark.parametrize(
-    ("bimamba", "reverse", "recompute_in_proj"),
-    [("v2", False, True), ("v2", True, False), ("v1", False, True), ("none", True, False)],
+    ("bimamba", "reverse"), [("v2", False), ("v2", True), ("v1", False), ("none", True)]
 )
-def test_fused_op_passes_gradcheck_in_float64(bimamba, reverse, recompute_in_proj):
-    """Every parameter and the input, with in_proj inside the op or outside it."""
+def test_fused_op_passes_gradcheck_in_float64(bimamba, reverse):
+    """Every parameter and the input."""
     mixer, hidden = op_inputs(bimamba)
-    mixer.recompute_in_proj = recompute_in_proj
     names = [n for n, _ in mixer.named_parameters()]
 
     def run(hidden, *values):
@@ -139,16 +135,11 @@ def test_fused_op_passes_gradcheck_in_float64(bimamba, reverse, recompute_in_pro
 def test_registered_ops_pass_torch_library_opcheck(bimamba):
     """Schema, fake (meta) implementation and autograd registration agree with the kernels."""
     mixer, hidden = op_inputs(bimamba, dtype=torch.float32)
-    for in_proj, save, keep_xz in (
-        (1, True, False),
-        (1, True, True),
-        (1, False, False),
-        (0, True, False),
-    ):
+    for in_proj, save in ((1, True), (1, False), (0, True)):
         layout = fused._Layout(bimamba, True, False, in_proj)
         weights = [mixer.get_parameter(name) for name in layout.weight_names()]
         x = hidden if in_proj else mixer.in_proj(hidden).detach().requires_grad_()
-        args = (x, weights, *layout, 0.5, True, save, keep_xz)
+        args = (x, weights, *layout, 0.5, True, save)
         torch.library.opcheck(torch.ops.ssamba.mamba_inner.default, args)
     x = torch.randn(2, 70, 2 * mixer.d_inner)[..., : mixer.d_inner].transpose(1, 2)
     conv_args = (x.requires_grad_(), mixer.conv1d.weight, mixer.conv1d.bias, True)
@@ -221,13 +212,11 @@ def test_bf16_mixer_weights_give_bf16_gradients():
         assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("recompute_in_proj", [True, False])
-def test_backward_keeps_no_activation_of_the_inner_width(recompute_in_proj):
+def test_backward_keeps_no_activation_of_the_inner_width():
     """The point of fusing: per direction only x_proj's output (dt_rank + 2 * d_state a
-    token) and the states every 128 steps are kept, no (batch, length, d_inner) tensor;
-    in_proj's output xz only with recompute_in_proj=False."""
+    token) and the states every 128 steps are kept, no (batch, length, d_inner) tensor,
+    and in_proj's output xz is recomputed."""
     mixer = make_mixer("v2", d_model=32)
-    mixer.recompute_in_proj = recompute_in_proj
     batch, length = 2, 256
     hidden = torch.randn(batch, length, 32, requires_grad=True)
     saved = {}
@@ -239,8 +228,7 @@ def test_backward_keeps_no_activation_of_the_inner_width(recompute_in_proj):
     activations = [t for ptr, t in saved.items() if ptr not in params]
     d_inner, x_dbl = mixer.d_inner, mixer.dt_rank + 2 * mixer.d_state
     per_direction = batch * length * x_dbl + batch * (length // fused.CHUNK) * 16 * d_inner
-    xz = 0 if recompute_in_proj else batch * length * 2 * d_inner
-    expected = batch * length * 32 + xz + 2 * per_direction  # hidden, xz, directions
+    expected = batch * length * 32 + 2 * per_direction  # hidden, directions
     assert sum(t.numel() for t in activations) == expected, [tuple(t.shape) for t in activations]
 
 

@@ -54,8 +54,9 @@ def test_timestamps_increase_inside_the_clip_across_window_borders(
 ) -> None:
     wave, _ = load_audio(sample_wav)
     audio = wave[: 16000 * 7].expand(2, -1)  # 7 s: three 2.56 s windows
+    patch_grid = hear.HearModel(model.embedder, timestamp_hop_ms=None)
 
-    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, patch_grid)
 
     assert embeddings.dtype == torch.float32 and timestamps.dtype == torch.float32
     assert embeddings.shape == (2, timestamps.shape[1], model.timestamp_embedding_size)
@@ -63,6 +64,40 @@ def test_timestamps_increase_inside_the_clip_across_window_borders(
     assert (timestamps.diff(dim=1) > 0).all()
     assert timestamps.min() > 0 and timestamps.max() < 7000
     torch.testing.assert_close(embeddings[0], embeddings[1])
+
+
+def test_timestamps_come_every_40_ms_by_default_from_patches_the_encoder_saw(
+    model: hear.HearModel, sample_wav: Path
+) -> None:
+    wave, _ = load_audio(sample_wav)
+    audio = wave[: 16000 * 7].expand(2, -1)
+    patch_grid = hear.HearModel(model.embedder, timestamp_hop_ms=None)
+
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+    grid_embeddings, grid_times = hear.get_timestamp_embeddings(audio, patch_grid)
+
+    assert model.timestamp_hop_ms == 40.0
+    assert timestamps.shape == (2, 173)  # centres 87.5 + 40 k ms below 7000 ms
+    torch.testing.assert_close(timestamps.diff(dim=1), torch.full((2, 172), 40.0))
+    assert embeddings.shape == (2, 173, model.timestamp_embedding_size)
+    every_fourth = embeddings[:, ::4]  # the unshifted pass: the patch grid itself
+    assert torch.equal(timestamps[:, ::4], grid_times)
+    torch.testing.assert_close(every_fourth, grid_embeddings)
+    assert not torch.allclose(embeddings[:, 1], embeddings[:, 0])
+
+
+def test_numpy_and_int16_audio_give_the_float_tensor_embeddings(
+    model: hear.HearModel, digits: torch.Tensor
+) -> None:
+    as_int16 = (digits * 32768).round().clamp(-32768, 32767).to(torch.int16)
+    expected = hear.get_scene_embeddings(as_int16.float() / 32768, model)
+
+    for audio in (as_int16.numpy(), as_int16, (as_int16.float() / 32768).numpy()):
+        torch.testing.assert_close(hear.get_scene_embeddings(audio, model), expected)
+    stamped, _ = hear.get_timestamp_embeddings(as_int16.numpy(), model)
+    torch.testing.assert_close(
+        stamped, hear.get_timestamp_embeddings(as_int16.float() / 32768, model)[0]
+    )
 
 
 def test_averaging_frequency_patches_gives_width_sized_timestamp_embeddings(

@@ -16,7 +16,7 @@ from data_prep.stats import compute_stats, raw_features
 from ssamba.audio import load_audio
 from ssamba.data.labelled import LabelledDataModule
 from ssamba.data.shards import iter_shard
-from ssamba.features import FbankConfig, clip_features, wav_to_fbank
+from ssamba.features import FbankConfig, FeatureConfig, clip_features, wav_to_fbank
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.models.official import CheckpointError
@@ -113,10 +113,9 @@ def test_finetuning_on_mfcc_data_runs_and_wrong_features_are_refused(mfcc_shards
         str(mfcc_shards),
         batch_size=4,
         num_workers=0,
-        target_length=FRAMES,
-        features="mfcc",
-        num_ceps=CEPS,
-        stats=[-13.2, 41.5],
+        features=FeatureConfig(
+            kind="mfcc", num_ceps=CEPS, target_length=FRAMES, stats=(-13.2, 41.5)
+        ),
     )
     task = ClassifyTask(num_classes=data.num_classes, init=str(init), input_frames=FRAMES)
     trainer = Trainer(
@@ -134,9 +133,13 @@ def test_finetuning_on_mfcc_data_runs_and_wrong_features_are_refused(mfcc_shards
     assert task(batch["fbank"]).shape == (len(batch["label"]), 3)
 
     fbank = FbankConfig(target_length=FRAMES)
-    with pytest.raises(ValueError, match=r"trained on mfcc features .* set data\.features mfcc"):
+    with pytest.raises(
+        ValueError, match=r"trained on mfcc features .* set data\.features\.kind mfcc"
+    ):
         check_features(fbank, MFCC, CEPS)
-    with pytest.raises(ValueError, match=r"data\.stats: 'shards' gives the filterbank"):
+    with pytest.raises(ValueError, match=r"data\.features\.stats: 'shards' gives the filterbank"):
         check_features(MFCC, MFCC, CEPS, stats="shards")
-    with pytest.raises(ValueError, match=r"model\.encoder\.num_mel_bins to data\.num_ceps"):
+    with pytest.raises(
+        ValueError, match=r"model\.encoder\.num_mel_bins to data\.features\.num_ceps"
+    ):
         check_features(MFCC, None, 128)

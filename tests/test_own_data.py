@@ -15,13 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from test_datamodules import fsdd_clips, write_shard_folder
+from test_finetune import FSDD
 
 from data_prep import prepare
 from data_prep.__main__ import shard_main
 from data_prep.manifest import read_manifest
 from ssamba.audio import AUDIO_EXTENSIONS
+from ssamba.data import LabelledDataModule
 from ssamba.data.shard_format import read_labels, sample_key
 from ssamba.data.shards import iter_shard
+from ssamba.tasks.finetune_cli import ClassifyCLI
 
 
 def _tone(path: Path, seconds: float = 0.2, sr: int = 16000, **kwargs) -> Path:
@@ -160,6 +164,43 @@ def test_folder_split_folders_give_the_split_and_the_next_level_the_label(tmp_pa
         "test/cat/e": ("test", ["cat"]),
     }
     assert [c for c, _ in read_labels(tmp_path / "out" / "labels.csv")] == ["cat", "dog"]
+
+
+def test_a_file_directly_in_a_split_folder_of_labelled_clips_is_rejected_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "sounds"
+    _tone(src / "train" / "dog" / "a.wav")
+    _tone(src / "train" / "stray.wav")
+    _tone(src / "test" / "dog" / "b.wav")
+    out = tmp_path / "shards"
+
+    assert _shard("folder", src, out) == 0
+
+    assert set(_samples(out)) == {"train/dog/a", "test/dog/b"}
+    ((reject,),) = [_rejects(out)]
+    assert reject["id"] == "train/stray"
+    reason = "directly in the split folder train/, not in a label folder below it"
+    assert reject["reason"].endswith(reason)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "not sharded" in line]
+    assert line == f"{(src / 'train' / 'stray.wav').resolve()}: {reason}; not sharded"
+
+
+def test_the_default_fine_tuning_recipe_never_trains_on_a_valid_split(
+    fsdd_dir: Path, tmp_path: Path
+) -> None:
+    clips = fsdd_clips(fsdd_dir, ["jackson"], [0, 5, 6])  # take 0: test, 5 and 6: train
+    for clip in clips[20:]:
+        clip.meta["split"] = "valid"  # the user's validation split: take 6
+    folder = write_shard_folder(tmp_path / "shards", {"all": [clips]})
+    recipe = ClassifyCLI(["--config", str(FSDD), f"--data.shards={folder}"], parse_only=True)
+    data = LabelledDataModule(**recipe.config["data"].as_dict())
+
+    counts = data.split_clips()
+
+    trained = {clip.meta["id"] for clip in data.subsets["train"]}
+    assert counts["test"] == 10 and trained
+    assert not [clip_id for clip_id in trained if clip_id.endswith("_6")]
 
 
 def test_folder_takes_every_format_soundfile_decodes(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The README's own-data path, run as written: list -> shards -> pretrain -> fine-tune ->
-evaluate -> embed, on a tiny CSV list of FSDD clips.
+evaluate -> embed -> predict -> export -> label-efficiency, on a tiny CSV list of FSDD clips.
 
 `COMMANDS` is the README's code block, character for character (the first test checks
 that README.md holds it), so the README cannot drift from what runs. The slow test runs
@@ -34,6 +34,9 @@ ssamba finetune --config recipes/finetune/fsdd.yaml --task mine \\
 ssamba evaluate --config recipes/finetune/fsdd.yaml --data.shards work/shards/mine \\
     --ckpt runs/finetune/mine/version_0/encoder.pt
 ssamba embed my_data/audio --ckpt runs/finetune/mine/version_0/encoder.pt --out work/emb/mine
+ssamba predict my_data/audio --ckpt runs/finetune/mine/version_0/encoder.pt --out work/preds.csv
+ssamba export runs/finetune/mine/version_0/encoder.pt work/hf/mine --format hf
+ssamba label-efficiency --shards work/shards/mine --out work/le/mine
 """
 
 # What keeps each command small here (appended to the README's command line).
@@ -54,6 +57,18 @@ SMALL = {
     ],
     "evaluate": ["--data.batch_size=4", "--trainer.enable_progress_bar=false"],
     "embed": [],
+    "predict": [],
+    "export": [],
+    "label-efficiency": [
+        "--pretrain-args=--trainer.max_steps=4 --model.encoder.depth=2 "
+        "--model.encoder.embed_dim=32 --data.batch_size=4 --data.num_workers=0 "
+        "--trainer.enable_progress_bar=false",
+        "--labels-per-class=1,all",
+        "--finetune-labels-per-class=1",
+        "--seeds=0",
+        "--finetune-min-steps=2",
+        "--finetune-epochs=1",
+    ],
 }
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLIT_OF_TAKE = {0: "train", 1: "train", 2: "train", 3: "train", 4: "valid", 5: "test"}
@@ -88,7 +103,6 @@ def test_the_readme_shows_these_commands() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_own_data_from_a_csv_list_to_embeddings(
     fsdd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,7 +116,7 @@ def test_own_data_from_a_csv_list_to_embeddings(
     stats = json.loads(Path("work/shards/mine/stats.json").read_text())
     assert stats["splits"] == {"train": 80, "valid": 20, "test": 20}
     run = Path("runs/finetune/mine")
-    results = json.loads((run / "run-1" / "results.json").read_text())
+    results = json.loads((run / "run-0" / "results.json").read_text())
     assert results["task"] == "mine" and results["clips"]["-"] == {
         "train": 80,
         "val": 20,
@@ -114,3 +128,10 @@ def test_own_data_from_a_csv_list_to_embeddings(
     embeddings = sorted(Path("work/emb/mine").glob("*.npy"))
     assert len(embeddings) == 120
     assert np.load(embeddings[0]).shape == (32,)
+    predictions = Path("work/preds.csv").read_text().splitlines()
+    assert predictions[0].startswith("file") and len(predictions) == 1 + 120
+    assert {p.name for p in Path("work/hf/mine").iterdir()} >= {"config.json", "model.safetensors"}
+    efficiency = json.loads(next(Path("work/le/mine").glob("run-*/results.json")).read_text())
+    assert {r["init"] for r in efficiency["runs"]} == {"pretrained", "random", "fbank-stats"}
+    for fold in efficiency["folds"]:
+        assert fold["test_ids"] and not set(fold["test_ids"]) & set(fold["pretraining_ids"])

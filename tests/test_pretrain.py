@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from ssamba.features import FbankConfig, wav_to_fbank
 from ssamba.models.encoder import EncoderConfig
 from ssamba.tasks import pretrain_cli
 from ssamba.tasks.masking import make_mask
-from ssamba.tasks.pretrain import PretrainTask, info_nce
+from ssamba.tasks.pretrain import MSPMConfig, PretrainTask, ScheduleConfig, info_nce
 from ssamba.tasks.schedules import PlateauScale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,24 +146,6 @@ def test_accuracy_counts_predictions_whose_best_target_is_their_own_patch():
     assert float(accuracy) == float(raw_accuracy) == 0.5
 
 
-def test_info_nce_leaves_out_what_is_not_counted():
-    # Counting the first 3 of 5 masked patches equals InfoNCE on those 3 alone: they are
-    # neither positives nor negatives, whatever their values.
-    generator = torch.Generator().manual_seed(2)
-    preds = torch.randn(4, 5, 6, generator=generator)
-    targets = torch.randn(4, 5, 6, generator=generator)
-    counted = torch.tensor([True, True, True, False, False]).expand(4, -1)
-    for axis in ("original", "paper"):
-        expected = info_nce(preds[:, :3], targets[:, :3], axis)
-        got = info_nce(preds, targets, axis, counted=counted)
-        for value, reference in zip(got, expected, strict=True):
-            assert float(value) == pytest.approx(float(reference), rel=1e-6)
-    preds[:, 3:] = 1e3  # left-out values change nothing
-    assert float(info_nce(preds, targets, "original", counted=counted)[0]) == pytest.approx(
-        float(info_nce(preds[:, :3], targets[:, :3], "original")[0]), rel=1e-6
-    )
-
-
 # ------------------------------------------------------------------------ schedule
 def test_plateau_scale_follows_torch_reduce_lr_on_plateau():
     metrics = [0.0, 0.1, 0.2, 0.2, 0.19, 0.2, 0.21, 0.21, 0.21, 0.21, 0.05, 0.3]
@@ -181,9 +164,25 @@ def test_plateau_scale_follows_torch_reduce_lr_on_plateau():
     assert min(scales) < 0.25  # the sequence exercises several reductions
 
 
+MSPM_FIELDS = {f.name for f in fields(MSPMConfig)}
+SCHEDULE_FIELDS = {f.name for f in fields(ScheduleConfig)}
+
+
 def _tiny_task(**kwargs) -> PretrainTask:
-    kwargs = {"input_frames": 64, "n_masked": 10, "cluster_sizes": (2, 3), **kwargs}
-    return PretrainTask(TINY, **kwargs)
+    """A task on the tiny encoder; objective and schedule fields may be given flat
+    (`schedule="cosine"` is the schedule's kind)."""
+    if isinstance(kwargs.get("schedule"), str):
+        kwargs["kind"] = kwargs.pop("schedule")
+    mspm = {"n_masked": 10, "cluster_sizes": (2, 3)}
+    mspm |= {k: kwargs.pop(k) for k in list(kwargs) if k in MSPM_FIELDS}
+    schedule = {k: kwargs.pop(k) for k in list(kwargs) if k in SCHEDULE_FIELDS}
+    return PretrainTask(
+        TINY,
+        input_frames=64,
+        objective=MSPMConfig(**mspm),
+        schedule=ScheduleConfig(**schedule),
+        **kwargs,
+    )
 
 
 def lr_at(task: PretrainTask, step: int) -> float:
@@ -244,6 +243,22 @@ def fsdd_fbank(fsdd_dir: Path) -> torch.Tensor:
     return torch.stack([wav_to_fbank(w, 16000, cfg) for w in waves])
 
 
+def test_plateau_counts_evaluations_inside_the_warm_up_as_the_originals(fsdd_fbank):
+    """The originals' ReduceLROnPlateau sees every evaluation, those during warm-up too."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    task = _tiny_task(warmup_steps=1000, schedule="plateau")
+    batch = {"fbank": fsdd_fbank[:2], "frames": torch.tensor([64, 64]), "id": ["a", "b"]}
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.validate(task, DataLoader([batch], batch_size=None), verbose=False)
+
+    assert task.global_step == 0  # inside the warm-up
+    assert task.plateau.best == pytest.approx(trainer.callback_metrics["val/acc"].item())
+
+
 def test_masked_patches_are_hidden_from_the_encoder(fsdd_fbank):
     task = _tiny_task().eval()
     mask = make_mask(4, task.encoder.grid, 10, (2, 3), torch.Generator().manual_seed(0))
@@ -264,9 +279,8 @@ def test_masked_patches_are_hidden_from_the_encoder(fsdd_fbank):
         assert not torch.allclose(visible, task.masked_hidden(changed, ~mask))
 
 
-@pytest.mark.parametrize("single_pass", [False, True])
-def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank, single_pass):
-    task = _tiny_task(nce_weight=1.0, mse_weight=10.0, single_pass=single_pass)
+def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank):
+    task = _tiny_task(nce_weight=1.0, mse_weight=10.0)
     with torch.no_grad():
         out = task.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
 
@@ -274,40 +288,16 @@ def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank, singl
     first = make_mask(4, task.encoder.grid, 10, (2, 3), replay)
     second = make_mask(4, task.encoder.grid, 10, (2, 3), replay)
     assert not torch.equal(first, second)
-    # the reconstruction (generative pass) used the second draw, or the only one
-    assert torch.equal(out.mask, (first if single_pass else second)[0])
+    # the reconstruction (generative pass) used the second draw
+    assert torch.equal(out.mask, second[0])
     assert float(out.loss) == pytest.approx(float(out.nce + 10.0 * out.mse), rel=1e-6)
     assert all(math.isfinite(float(v)) for v in (out.loss, out.nce, out.mse))
     assert out.reconstruction.shape == (10, 256)
 
 
-def test_ignore_padding_counts_only_the_clip_s_own_patches(fsdd_fbank):
-    task = _tiny_task(ignore_padding=True).eval()
-    grid_f, grid_t = task.encoder.grid
-    everything = torch.ones(4, grid_f * grid_t, dtype=torch.bool)
-    with torch.no_grad():
-        plain = task.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
-        # clips that fill the window: the same masks and losses as without the option
-        full = task.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5), everything)
-        assert torch.equal(plain.mask, full.mask)
-        assert float(plain.loss) == pytest.approx(float(full.loss), rel=1e-6)
-        # 20 frames of 64: 2 of 4 columns are the clip's, 5 of 10 masks fall on them
-        own = task.encoder.clip_patches(torch.tensor([20]))
-        short = task.mspm(fsdd_fbank[:1], 10, torch.Generator().manual_seed(5), own)
-    assert int((short.mask & own[0]).sum()) == 5 and int(short.mask.sum()) == 10
-    # the reconstruction error counts the 5 masked patches of the clip, not the padding
-    targets = task.encoder.unfold_patches(fsdd_fbank[:1])[0][short.mask]
-    errors = (short.reconstruction - targets).square().mean(dim=-1)
-    assert float(short.mse) == pytest.approx(float(errors[own[0][short.mask]].mean()), rel=1e-5)
-    assert float(short.mse) != pytest.approx(float(errors.mean()), rel=1e-3)
-    batch = {"fbank": fsdd_fbank, "id": ["a", "b", "c", "d"]}
-    with pytest.raises(ValueError, match="ignore_padding needs batches with 'frames'"):
-        task.clip_patches(batch)
-
-
 def test_validation_masks_default_to_400_of_512_patches():
-    assert _tiny_task().hparams.n_masked_val == round(400 / 512 * 32)
-    assert PretrainTask(TINY, input_frames=1024).hparams.n_masked_val == 400
+    assert _tiny_task().objective.n_masked_val == round(400 / 512 * 32)
+    assert PretrainTask(TINY, input_frames=1024).objective.n_masked_val == 400
 
 
 # ------------------------------------------------------------------------ bad recipes
@@ -326,7 +316,7 @@ SPLIT_TAKES = [("train", 7), ("test", 2)]  # FSDD's official split: takes 0-4 ar
     ("options", "named"),
     [
         (["--model.n_maskd=3"], "--model.n_maskd"),
-        (["--model.n_masked=33"], "model.n_masked=33"),
+        (["--model.objective.n_masked=33"], "model.objective.n_masked=33"),
         (["--model.encoder.depth=3"], "EncoderConfig.depth=3"),
         (["--model.encoder=no/such/piece.yaml"], "no/such/piece.yaml"),
         (["--data.sources=[{shards: no/such/shards}]"], "no/such/shards"),
@@ -382,8 +372,9 @@ def run_pretrain(
     return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    """Wait for a run however busy the machine is (pytest-timeout guards against hangs)."""
+    _, err = process.communicate()
     return process.returncode, err or ""
 
 
@@ -429,7 +420,6 @@ def load_ckpt(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_fsdd_run_learns_logs_keeps_the_best_checkpoint_and_exports_the_encoder(
     fsdd_shards, tmp_path
 ):
@@ -442,12 +432,11 @@ def test_fsdd_run_learns_logs_keeps_the_best_checkpoint_and_exports_the_encoder(
                 f"--trainer.max_steps={steps}",
                 f"--trainer.val_check_interval={every}",
                 "--trainer.log_every_n_steps=5",
-                "--model.warmup_steps=10",
+                "--model.schedule.warmup_steps=10",
                 f"--model.image_every_n_steps={every}",
             ),
             stderr=subprocess.PIPE,
         ),
-        timeout=540,
     )
     assert code == 0, err[-3000:]
     run = tmp_path / "fsdd_tiny_cpu" / "version_0"
@@ -504,11 +493,10 @@ with torch.no_grad():
     pooled = encoder(torch.zeros(2, 64, 128))
 assert pooled.shape == (2, 64) and torch.isfinite(pooled).all()
 """
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO, timeout=120)
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_a_killed_run_resumes_from_its_checkpoint_with_step_lr_optimizer_and_plateau(
     fsdd_shards, tmp_path
 ):
@@ -523,10 +511,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_step_lr_optimizer_and_pla
             "--trainer.max_steps=30",
             "--trainer.val_check_interval=10",
             "--trainer.log_every_n_steps=1",
-            "--model.schedule=plateau",
-            "--model.plateau_patience=0",
+            "--model.schedule.kind=plateau",
+            "--model.schedule.plateau_patience=0",
             "--model.lr=1e-9",
-            "--model.warmup_steps=5",
+            "--model.schedule.warmup_steps=5",
             "--model.image_every_n_steps=0",
             "--trainer.callbacks+=ssamba.tasks.callbacks.BatchLog",
             "--ckpt_path=last",  # set and forget: nothing to resume on the first start
@@ -536,22 +524,20 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_step_lr_optimizer_and_pla
     interrupted = run_pretrain(args(tmp_path / "resumed"), stderr=subprocess.PIPE)
     run = tmp_path / "resumed" / "fsdd_tiny_cpu" / "version_0"
     batches = run / "batches" / "rank0.jsonl"
-    deadline = time.monotonic() + 400
     # the checkpoint of step 20 is complete once the batch of step 20 has been recorded
     while not (batches.exists() and any(r["step"] >= 20 for r in read_records(batches))):
         assert interrupted.poll() is None, interrupted.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no step 20 in time"
         time.sleep(0.05)
     interrupted.send_signal(signal.SIGKILL)
-    _, first_err = finish(interrupted, timeout=60)
+    _, first_err = finish(interrupted)
     killed_at = max(r["step"] for r in read_records(batches))
     assert killed_at < 29, "the run finished before it could be interrupted"
     assert "starting from scratch" in first_err
     assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 20
 
-    code, err = finish(run_pretrain(args(tmp_path / "resumed"), stderr=subprocess.PIPE), 400)
+    code, err = finish(run_pretrain(args(tmp_path / "resumed"), stderr=subprocess.PIPE))
     assert code == 0, err[-3000:]
-    ref_code, ref_err = finish(reference, timeout=400)
+    ref_code, ref_err = finish(reference)
     assert ref_code == 0, ref_err[-3000:]
     assert "starting from scratch" not in err
     assert not (tmp_path / "resumed" / "fsdd_tiny_cpu" / "version_1").exists(), "same folder"
@@ -586,3 +572,30 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_step_lr_optimizer_and_pla
     for folder in (run, reference_run):
         (best,) = (folder / "checkpoints").glob("best-*.ckpt")
         assert load_ckpt(best)["global_step"] == 10
+
+
+def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
+    """Checkpoints written before the objective became typed carry flat hyperparameters
+    (objective "mspm", n_masked, single_pass, ignore_padding, ...): the encoder loader
+    reads them as before."""
+    from ssamba.models.encoder_file import load_encoder_file
+
+    task = _tiny_task()
+    old_hparams = {
+        "encoder": task.encoder.cfg.to_dict(),
+        "input_frames": 64,
+        "objective": "mspm",
+        "eat": None,
+        "n_masked": 10,
+        "single_pass": False,
+        "ignore_padding": False,
+        "warmup_steps": 1000,
+        "schedule": "plateau",
+    }
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": old_hparams}
+    checkpoint["encoder_config"] = task.encoder.cfg.to_dict()
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    loaded = load_encoder_file(tmp_path / "old.ckpt").encoder
+    state = task.encoder.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

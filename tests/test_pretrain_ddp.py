@@ -71,12 +71,11 @@ def check_lockstep_on_different_clips(run: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_two_cpu_processes_with_lightning_ddp(fsdd_shards, tmp_path):
     args = distributed_args(
         fsdd_shards, tmp_path, "--trainer.strategy=ddp", f"--trainer.devices={WORLD}"
     )
-    code, err = finish(run_pretrain(args, stderr=subprocess.PIPE), timeout=360)
+    code, err = finish(run_pretrain(args, stderr=subprocess.PIPE))
 
     assert code == 0, err[-3000:]
     assert "distributed_backend=gloo" in err and "Starting with 2 processes" in err
@@ -84,7 +83,6 @@ def test_two_cpu_processes_with_lightning_ddp(fsdd_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_two_nodes_on_loopback_one_process_each(fsdd_shards, tmp_path):
     args = distributed_args(
         fsdd_shards,
@@ -99,7 +97,7 @@ def test_two_nodes_on_loopback_one_process_each(fsdd_shards, tmp_path):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(WORLD)}
         env["NODE_RANK"] = str(node)
         nodes.append(run_pretrain(args, stderr=subprocess.PIPE, extra_env=env))
-    results = [finish(process, timeout=360) for process in nodes]
+    results = [finish(process) for process in nodes]
 
     for node, (code, err) in enumerate(results):
         assert code == 0, f"node {node}: {err[-3000:]}"
@@ -120,12 +118,10 @@ def run_script(
         env={**os.environ, "PATH": os.pathsep.join(path), **env},
         capture_output=True,
         text=True,
-        timeout=360,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_torchrun_script_runs_two_local_processes(fsdd_shards, tmp_path):
     env = {
         "NNODES": "1",

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from test_datamodules import crafted_json_clips, fsdd_clips, write_shard_folder
 from test_finetune import (
     FSDD,
     FSDD_LOSO,
@@ -25,6 +28,7 @@ from test_finetune import (
 
 from ssamba.tasks.cli_common import QUIET_NOTICES, quiet_lightning
 from ssamba.tasks.evaluate_cli import main as evaluate_main
+from ssamba.tasks.finetune_cli import latest_results
 from ssamba.tasks.finetune_cli import main as finetune_main
 from ssamba.tasks.pretrain_cli import main as pretrain_main
 
@@ -175,7 +179,7 @@ def test_evaluate_at_another_input_length_warns_that_it_differs_from_training(
     ckpt = results_of(short_run)["checkpoint"]["-"]
     options = [
         f"--data.shards={subset_shards}",
-        "--data.target_length=128",
+        "--data.features.target_length=128",
         "--trainer.limit_test_batches=1",
         "--trainer.enable_progress_bar=false",
         f"--out={tmp_path}",
@@ -184,7 +188,8 @@ def test_evaluate_at_another_input_length_warns_that_it_differs_from_training(
     assert evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options]) == 0
     err = capfd.readouterr().err
     assert (
-        f"warning: --data.target_length 128 differs from the 64 frames {ckpt} was trained on" in err
+        f"warning: --data.features.target_length 128 differs from the 64 frames {ckpt} was trained on"
+        in err
     )
     # and Lightning's advertising and its "callbacks will override" notice stay quiet
     assert not any(notice in err for notice in QUIET_NOTICES)
@@ -229,3 +234,179 @@ def test_pretraining_without_a_logger_keeps_its_files_out_of_the_current_directo
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     assert (tmp_path / "runs" / "pretrain" / "fsdd_tiny_cpu" / "encoder.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def crafted_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 FSDD clips of one speaker (take 0 the test split) and, in the training shard,
+    three clips whose json is refused (10,000 levels deep; labels 5 and [["0"]])."""
+    clips = fsdd_clips(fsdd_dir, ["jackson"], [0, 5, 6])
+    crafted = crafted_json_clips(clips[-1].audio)
+    shards = {"test": [clips[:10]], "train": [clips[10:15] + crafted + clips[15:]]}
+    return write_shard_folder(tmp_path_factory.mktemp("crafted") / "shards", shards)
+
+
+def skipped_bad_json(log: str) -> set[str]:
+    """The clips the run logged as skipped for their json."""
+    return {
+        line.split(".tar:")[1].split(":")[0]
+        for line in log.splitlines()
+        if "skipped clip (bad_metadata)" in line and ".json refused" in line
+    }
+
+
+def test_pretraining_skips_and_counts_clips_whose_json_is_refused(
+    crafted_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = pretrain_main(
+        [
+            "--config",
+            str(PRETRAIN),
+            f"--data.sources=[{{shards: {crafted_shards}, splits: [train]}}]",
+            f"--data.val={{shards: {crafted_shards}, splits: [train]}}",
+            "--data.num_workers=0",
+            "--data.batch_size=4",
+            "--model.encoder.depth=2",
+            "--model.encoder.embed_dim=32",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+
+    assert code == 0
+    assert skipped_bad_json(caplog.text) == {"deep", "labels5", "nested_labels"}
+    assert list(tmp_path.rglob("encoder.pt"))
+
+
+def test_fine_tuning_skips_and_counts_clips_whose_json_is_refused(
+    crafted_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert finetune_main(["--config", str(FSDD), *quick(crafted_shards, tmp_path)]) == 0
+
+    assert skipped_bad_json(caplog.text) == {"deep", "labels5", "nested_labels"}
+    assert 0.0 <= results_of(tmp_path)["value"] <= 1.0
+
+
+def pretrain_options(shards: Path, out: Path, *extra: str) -> list[str]:
+    """The CPU pretraining recipe on `shards`, a 2-layer 32-wide encoder, logs under `out`."""
+    return [
+        "--config",
+        str(PRETRAIN),
+        f"--data.sources=[{{shards: {shards}, splits: [train]}}]",
+        f"--data.val={{shards: {shards}, splits: [test]}}",
+        "--data.val_max_clips=8",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        "--model.encoder.depth=2",
+        "--model.encoder.embed_dim=32",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def truncate(path: Path) -> None:
+    """What a full disk during a non-atomic copy leaves: the first part of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_last_ckpt_resumes_from_the_newest_intact_checkpoint_or_stops_in_one_line(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "runs"
+    steps = ["--trainer.max_steps=2", "--trainer.val_check_interval=1"]
+    with monkeypatch.context() as patch:
+        # Checkpoints are staged beside their target, never in the system temp folder
+        # (a copy from there is not atomic across file systems): here there is none.
+        patch.setattr(tempfile, "tempdir", str(tmp_path / "no-temp-folder"))
+        assert pretrain_main(pretrain_options(subset_shards, out, *steps)) == 0
+    checkpoints = out / "fsdd_tiny_cpu" / "version_0" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    truncate(last)
+    capfd.readouterr()
+
+    resume = ["--trainer.max_steps=3", "--trainer.val_check_interval=1", "--ckpt_path=last"]
+    assert pretrain_main(pretrain_options(subset_shards, out, *resume)) == 0
+
+    err = capfd.readouterr().err
+    assert f"--ckpt_path last: {last} is damaged (truncated or not a checkpoint" in err
+    assert "; resuming from " in err and "best-step" in err and "Traceback" not in err
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in checkpoints.parent.parent.iterdir()) == ["version_0"]
+
+    for path in checkpoints.glob("*.ckpt"):
+        truncate(path)
+    assert pretrain_main(pretrain_options(subset_shards, out, *resume)) == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert f"{last} is damaged" in line and "holds no intact checkpoint" in line
+
+
+def test_a_resume_of_last_never_takes_another_mode_s_checkpoint(
+    short_run: Path, subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(short_run, out)
+    version = out / "fsdd" / "version_0"
+    saved = (version / "config.yaml").read_bytes()
+    linear = [*quick(subset_shards, out), "--model.mode=linear", "--ckpt_path=last"]
+
+    assert finetune_main(["--config", str(FSDD), *linear]) == 2
+
+    (line,) = error_lines(capfd.readouterr().err)
+    assert f"--ckpt_path last: no run under {out / 'fsdd'} is this one" in line
+    assert "model.mode 'finetune' there, 'linear' here" in line
+    assert (version / "config.yaml").read_bytes() == saved
+    assert sorted(p.name for p in (out / "fsdd").iterdir()) == ["version_0"]
+
+
+def test_a_fine_tuning_run_s_results_and_logs_carry_the_same_number(
+    short_run: Path, subset_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(short_run, out)
+    assert (out / "run-0" / "results.json").is_file()
+
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out)]) == 0
+
+    assert sorted(p.name for p in (out / "fsdd").iterdir()) == ["version_0", "version_1"]
+    assert latest_results(out) == out / "run-1" / "results.json"
+    assert Path(results_of(out)["checkpoint"]["-"]).parent.parent.name == "version_1"
+
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_ckpt_path_is_refused_in_one_line_leaving_no_folder(
+    short_run: Path, subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    real = torch.load(results_of(short_run)["checkpoint"]["-"], weights_only=True)
+    crafted, marker = tmp_path / "crafted.ckpt", tmp_path / "ran"
+    torch.save({**real, "x": _RunsCode(marker)}, crafted)
+    out = tmp_path / "run"
+
+    code = finetune_main(
+        ["--config", str(FSDD), *quick(subset_shards, out), f"--ckpt_path={crafted}"]
+    )
+
+    assert code == 2
+    err = capfd.readouterr().err
+    (line,) = error_lines(err)
+    assert f"--ckpt_path {crafted}: refused: it holds pickled Python code (posix.system)" in line
+    assert "weights_only" not in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not list(out.rglob("version_*"))

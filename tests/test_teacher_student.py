@@ -1,4 +1,4 @@
-"""The teacher-student objective (data2vec 2.0 / EAT, `model.objective: eat`).
+"""The teacher-student objective (data2vec 2.0 / EAT, an `EATConfig` as `model.objective`).
 
 On real FSDD filterbanks: the EMA teacher takes no gradients and moves exactly by the
 EMA formula, masks are inverse blocks with the asked ratio, a resumed run starts from
@@ -12,14 +12,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from test_datamodules import fsdd_clips, write_shard_folder
 
 from ssamba.audio import load_audio
 from ssamba.data.pretrain import PretrainDataModule
-from ssamba.features import FbankConfig, clip_features
+from ssamba.features import FbankConfig, FeatureConfig, clip_features
 from ssamba.models.encoder import EncoderConfig
+from ssamba.tasks import pretrain_cli
 from ssamba.tasks.objectives.eat import EATConfig, ema_decay_at, inverse_block_mask
-from ssamba.tasks.pretrain import PretrainTask
+from ssamba.tasks.pretrain import MSPMConfig, PretrainTask, ScheduleConfig
 
 TINY = EncoderConfig(family="ssamba", depth=2, embed_dim=32, input_frames=64)
 EAT = EATConfig(top_k=1, clones=3, mask_ratio=0.75, ema_decay=0.9, ema_end_decay=0.99)
@@ -35,7 +37,7 @@ def digits(fsdd_dir: Path) -> torch.Tensor:
 
 def eat_task(**overrides) -> PretrainTask:
     torch.manual_seed(0)
-    options = dict(objective="eat", eat=EAT, lr=3e-3, warmup_steps=0, schedule="cosine")
+    options = dict(objective=EAT, lr=3e-3, schedule=ScheduleConfig("cosine", warmup_steps=0))
     return PretrainTask(TINY, **(options | overrides))
 
 
@@ -70,20 +72,6 @@ def test_the_teacher_update_is_the_ema_of_the_student(digits):
     assert ema_decay_at(EAT, EAT.ema_anneal_steps + 5) == EAT.ema_end_decay
 
 
-def test_ignore_padding_leaves_padding_out_of_the_frame_loss_and_the_utterance_target(digits):
-    task = eat_task(ignore_padding=True).eval()
-    everything = torch.ones(8, task.encoder.num_patches, dtype=torch.bool)
-    own = task.encoder.clip_patches(torch.full((8,), 30))  # 2 of 4 time columns
-    with torch.no_grad():
-        frames, utterance = task.eat.targets(digits, own)
-        torch.testing.assert_close(utterance, frames[:, own[0]].mean(dim=1))
-        plain = task.eat(task.encoder, digits, torch.Generator().manual_seed(0))
-        full = task.eat(task.encoder, digits, torch.Generator().manual_seed(0), everything)
-        short = task.eat(task.encoder, digits, torch.Generator().manual_seed(0), own)
-    assert float(plain.loss) == pytest.approx(float(full.loss), rel=1e-6)
-    assert float(short.frame) != pytest.approx(float(plain.frame), rel=1e-3)
-
-
 def test_masks_keep_exactly_the_visible_share_in_blocks_and_differ_per_copy():
     mask = inverse_block_mask(4, 3, (8, 4), 0.75, 2, torch.Generator().manual_seed(1))
 
@@ -110,14 +98,14 @@ def _train(task: PretrainTask, fbank: torch.Tensor, steps: int) -> list[float]:
     losses = []
     for step in range(steps):
         generator = torch.Generator().manual_seed(step)
-        if task.hparams.objective == "eat":
+        if task.kind == "eat":
             loss = task.eat(task.encoder, fbank, generator).loss
         else:
-            loss = task.mspm(fbank, task.hparams.n_masked, generator).loss
+            loss = task.mspm(fbank, task.objective.n_masked, generator).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        if task.hparams.objective == "eat":
+        if task.kind == "eat":
             task.eat.update_teacher(task.encoder, step)
         losses.append(float(loss))
     return losses
@@ -129,7 +117,12 @@ def test_a_short_cpu_run_lowers_the_loss(digits, objective):
         task = eat_task()
     else:
         torch.manual_seed(0)
-        task = PretrainTask(TINY, n_masked=16, cluster_sizes=(2,), lr=3e-3, warmup_steps=0)
+        task = PretrainTask(
+            TINY,
+            objective=MSPMConfig(n_masked=16, cluster_sizes=(2,)),
+            lr=3e-3,
+            schedule=ScheduleConfig(warmup_steps=0),
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only contend on a shared machine
     try:
@@ -162,9 +155,7 @@ def _fit(shards: Path, root: Path, steps: int, ckpt: Path | None) -> TeacherAtSt
         steps_per_epoch=3,
         num_workers=0,
         shuffle_buffer=0,
-        target_length=64,
-        stats=(-8.77, 4.64),
-        pad="floor",
+        features=FeatureConfig(target_length=64, stats=(-8.77, 4.64), pad="floor"),
     )
     watch = TeacherAtStart()
     trainer = L.Trainer(
@@ -203,3 +194,17 @@ def test_a_resumed_run_continues_with_the_checkpoints_teacher(tiny_shards, tmp_p
     assert resumed.teacher.keys() == teacher.keys()
     for name, value in teacher.items():
         assert torch.equal(resumed.teacher[name], value), name
+
+
+def test_dotted_options_edit_the_recipes_objective_and_keep_its_other_settings(capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "fsdd_eat_cpu.yaml"
+    code = pretrain_cli.main(
+        ["--config", str(recipe), "--model.objective.ema_anneal_steps=100", "--print_config"]
+    )
+    objective = yaml.safe_load(capsys.readouterr().out)["model"]["objective"]
+
+    assert code == 0
+    assert objective["class_path"] == "ssamba.tasks.objectives.eat.EATConfig"
+    settings = objective["init_args"]
+    assert settings["ema_anneal_steps"] == 100
+    assert (settings["top_k"], settings["mask_ratio"], settings["ema_decay"]) == (2, 0.75, 0.99)

@@ -9,8 +9,6 @@ geometry. Models:
 
 - ssamba-tiny: 24 bidirectional Mamba v2 layers, D=192 (the fused CPU mixer, which
   recomputes in_proj's output in its backward instead of keeping it);
-- ssamba-tiny-keep-xz: the same keeping in_proj's output (`recompute_in_proj=False`):
-  faster, more memory;
 - ssast-tiny-sdpa: DeiT-tiny, 12 blocks, D=192, attention with torch's SDPA;
 - ssast-tiny-naive: the same with the original SSAST's explicit L x L attention;
 - *-bf16: the step under `torch.autocast("cpu", torch.bfloat16)` (the recipes train in
@@ -32,14 +30,13 @@ from pathlib import Path
 from ssamba.bench.report import in_fresh_process, peak_rss_bytes, rss_bytes
 
 BATCH, FRAMES, N_MASKED = 8, 1024, 400
-# name -> (family, EncoderConfig overrides, MambaMixer attributes, autocast to bf16)
+# name -> (family, EncoderConfig overrides, autocast to bf16)
 MODELS = {
-    "ssamba-tiny": ("ssamba", {}, {}, False),
-    "ssamba-tiny-keep-xz": ("ssamba", {}, {"recompute_in_proj": False}, False),
-    "ssast-tiny-sdpa": ("ssast", {"attention": "sdpa"}, {}, False),
-    "ssast-tiny-naive": ("ssast", {"attention": "naive"}, {}, False),
-    "ssamba-tiny-bf16": ("ssamba", {}, {}, True),
-    "ssast-tiny-sdpa-bf16": ("ssast", {"attention": "sdpa"}, {}, True),
+    "ssamba-tiny": ("ssamba", {}, False),
+    "ssast-tiny-sdpa": ("ssast", {"attention": "sdpa"}, False),
+    "ssast-tiny-naive": ("ssast", {"attention": "naive"}, False),
+    "ssamba-tiny-bf16": ("ssamba", {}, True),
+    "ssast-tiny-sdpa-bf16": ("ssast", {"attention": "sdpa"}, True),
 }
 REFERENCE = {False: "ssast-tiny-sdpa", True: "ssast-tiny-sdpa-bf16"}  # per precision
 
@@ -63,23 +60,18 @@ def _measure(model: str, steps: int) -> dict:
     import torch
 
     from ssamba.models.encoder import EncoderConfig
-    from ssamba.models.mamba import MambaMixer
     from ssamba.models.scan import resolve_implementation
-    from ssamba.tasks.pretrain import PretrainTask
+    from ssamba.tasks.pretrain import MSPMConfig, PretrainTask, ScheduleConfig
 
     torch.manual_seed(0)
-    family, overrides, mixer_settings, bf16 = MODELS[model]
+    family, overrides, bf16 = MODELS[model]
     task = PretrainTask(
         EncoderConfig.preset(family, "tiny", **overrides),
         input_frames=FRAMES,
-        n_masked=N_MASKED,
-        warmup_steps=0,
+        objective=MSPMConfig(n_masked=N_MASKED),
+        schedule=ScheduleConfig(warmup_steps=0),
     )
     task.train()
-    for module in task.modules():
-        if isinstance(module, MambaMixer):
-            for name, value in mixer_settings.items():
-                setattr(module, name, value)
     optimizer = task.configure_optimizers()
     fbank = torch.randn(BATCH, FRAMES, task.encoder.cfg.num_mel_bins)
     masks = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +37,15 @@ from ssamba.data.loader import FiniteLoader, distributed_rank_world, make_loader
 from ssamba.data.shard_format import LABELS_NAME, read_labels
 from ssamba.data.shards import ClipRef, SkipCounter, catalogue, clip_id, list_shards
 from ssamba.data.streams import Clip, ClipBatches
-from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
-from ssamba.features import FbankConfig, PadMode, mix_targets, mix_waves, sample_mixup_lambda
+from ssamba.data.transforms import CropPosition, batch_features, crop_wave, resolve_features
+from ssamba.features import (
+    DEFAULT_FEATURES,
+    FbankConfig,
+    FeatureConfig,
+    mix_targets,
+    mix_waves,
+    sample_mixup_lambda,
+)
 
 Subset = Literal["train", "val", "test"]
 STAGE_SUBSETS: dict[str, tuple[Subset, ...]] = {
@@ -136,12 +143,7 @@ class LabelledDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         train_filter: dict[str, Any] | None = None,
         multi_label: bool | None = None,
-        target_length: int = 1024,
-        pad: PadMode = "zeros",
-        num_mel_bins: int = 128,
-        features: Literal["fbank", "mfcc"] = "fbank",
-        num_ceps: int = 40,
-        stats: str | tuple[float, float] = "shards",
+        features: FeatureConfig = DEFAULT_FEATURES,
         train_crop: CropPosition = "random",
         eval_crop: CropPosition = "start",
         freqm: int = 0,
@@ -175,19 +177,9 @@ class LabelledDataModule(L.LightningDataModule):
                 validation set.
             multi_label: multi-hot targets with label -1 (AudioSet) or one-hot with a
                 label index. None: multi-label if any clip has more than one label.
-            target_length: frames per example (ESC-50 512, Speech Commands 128,
-                AudioSet 1024); clips are cropped or zero-padded to it.
-            pad: how clips shorter than `target_length` are filled: "zeros" in the raw
-                log-mel domain (the originals: loud broadband after normalisation) or
-                "floor" (each mel bin's quietest value in the clip, i.e. its silence);
-                use the padding the encoder was pretrained with.
-            num_mel_bins: mel bins of the Kaldi filterbank.
-            features: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps`
-                Kaldi MFCCs over the same frames; the encoder then reads `num_ceps` bins).
-            num_ceps: MFCC coefficients per frame.
-            stats: filterbank normalisation: "shards" (stats.json of `shards`), a
-                published dataset name ("esc50", "speechcommands", "asli", ...; needed to
-                match official checkpoints) or [mean, std].
+            features: the model input (`FeatureConfig`: kind, bins, target_length, stats,
+                pad); "shards" statistics and an "auto" length read `shards`' stats.json.
+                Use the padding and statistics the encoder was pretrained with.
             train_crop: where training crops clips longer than `target_length`.
             eval_crop: where evaluation crops them ("start" as the originals, or "center").
             freqm: SpecAugment frequency mask width (training only; 0 = off).
@@ -206,6 +198,7 @@ class LabelledDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.features = asdict(features)  # plain data: checkpoints load weights-only
         if batch_size <= 0 or num_workers < 0:
             raise ValueError(
                 f"batch_size must be > 0 and num_workers >= 0, got {batch_size}, {num_workers}"
@@ -229,18 +222,8 @@ class LabelledDataModule(L.LightningDataModule):
             )
         self.classes = read_labels(labels_csv)
         self.class_index = {class_id: i for i, (class_id, _) in enumerate(self.classes)}
-        mean, std = normalisation_stats(stats, shards)
-        self.fbank = FbankConfig(
-            target_length=target_length,
-            pad=pad,
-            num_mel_bins=num_mel_bins,
-            kind=features,
-            num_ceps=num_ceps,
-            mean=mean,
-            std=std,
-            freqm=freqm,
-            timem=timem,
-            noise=noise,
+        self.fbank: FbankConfig = resolve_features(
+            features, shards, freqm=freqm, timem=timem, noise=noise
         )
         self.counters = {
             name: SkipCounter(num_workers) for name in ("scan", "train", "val", "test")
@@ -476,9 +459,7 @@ def check_labels(
     have exactly one; ValueError names the shard, the clip and the label."""
     for clip in clips:
         name = f"{clip.shard}: clip {clip_id(clip)!r}"
-        labels = clip.meta.get("labels", [])
-        if not isinstance(labels, list):
-            raise ValueError(f"{name} has labels {labels!r}, not a list")
+        labels = clip.meta.get("labels", [])  # a list of str (parse_sample_meta)
         if not multi_label and len(labels) != 1:
             raise ValueError(f"{name} has {len(labels)} labels {labels} in a single-label set")
         for label in labels:

@@ -12,18 +12,23 @@ seed would replay the clips of the run's first steps after every interruption (a
 preempted every few hours would train on the same first hours of data again and again).
 
 Batches: `{"fbank": (batch, target_length, num_mel_bins) float32, "frames": (batch,) long,
-"id": list[str]}`; `frames` counts each clip's own frames (the rest is padding).
+"id": list[str]}`; `frames` counts each clip's own frames (the rest is padding). With
+`augment` (`ssamba.data.augment`) training batches are augmented, and with its
+`clean_targets` they also hold `"clean"`: (batch, target_length, num_mel_bins), the same
+clips without the mixed-in noise.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
-from typing import Any, Literal, NotRequired, TypedDict
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NotRequired, TypedDict
 
 import lightning as L
+import torch
 
+from ssamba.data.augment import AugmentConfig, augment_waves, stretch_bins, stretch_factors
 from ssamba.data.loader import (
     FiniteLoader,
     StreamLoader,
@@ -33,8 +38,10 @@ from ssamba.data.loader import (
 )
 from ssamba.data.shards import Shard, SkipCounter, catalogue, clip_id, list_shards
 from ssamba.data.streams import Clip, ClipBatches, MixedShardStream, derive_seed
-from ssamba.data.transforms import CropPosition, batch_features, crop_wave, normalisation_stats
-from ssamba.features import FbankConfig, PadMode
+from ssamba.data.transforms import CropPosition, batch_features, crop_wave, resolve_features
+from ssamba.features import DEFAULT_FEATURES, FbankConfig, FeatureConfig
+
+NO_AUGMENT = AugmentConfig()
 
 
 class ShardSource(TypedDict):
@@ -48,21 +55,38 @@ class ShardSource(TypedDict):
 
 @dataclass
 class FbankBatch:
-    """Crop, filterbank and normalise: clips -> {"fbank": (B, T, F), "frames": (B,), "id": [...]}."""
+    """Crop, augment, filterbank and normalise: clips -> {"fbank": (B, T, F), "frames":
+    (B,), "id": [...]}, plus "clean": (B, T, F) with `augment.clean_targets`."""
 
     cfg: FbankConfig
     crop: CropPosition
     train: bool
+    augment: AugmentConfig = NO_AUGMENT
 
     def __call__(
         self, clips: list[Clip], rng: random.Random
     ) -> tuple[dict[str, Any] | None, list[str]]:
         waves = [crop_wave(c.wave, self.cfg, self.crop, rng) for c in clips]
+        augment = self.train and self.augment.active
+        clean = waves
+        if augment:
+            clean, waves = augment_waves(waves, self.augment, self.cfg.sample_rate, rng)
         fbank, frames, kept = batch_features(waves, self.cfg, self.train)
         rejected = [c.id for i, c in enumerate(clips) if i not in kept]
         if not kept:
             return None, rejected
-        return {"fbank": fbank, "frames": frames, "id": [clips[i].id for i in kept]}, rejected
+        batch = {"fbank": fbank, "frames": frames, "id": [clips[i].id for i in kept]}
+        if self.train and self.augment.clean_targets:
+            # the clips' own features; a clean clip is finite whenever its mixture is
+            batch["clean"] = batch_features([clean[i] for i in kept], self.cfg, self.train)[0]
+        if augment and self.augment.stretch is not None:
+            factors = stretch_factors(self.augment, len(kept), rng)
+            for key in ("fbank", "clean"):
+                if key in batch:
+                    batch[key] = torch.stack(
+                        [stretch_bins(x, r) for x, r in zip(batch[key], factors, strict=True)]
+                    )
+        return batch, rejected
 
 
 def source_shards(source: ShardSource, what: str) -> list[Shard]:
@@ -110,12 +134,8 @@ class PretrainDataModule(L.LightningDataModule):
         steps_per_epoch: int = 4000,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
-        target_length: int = 1024,
-        num_mel_bins: int = 128,
-        features: Literal["fbank", "mfcc"] = "fbank",
-        num_ceps: int = 40,
-        stats: str | tuple[float, float] = "asli",
-        pad: PadMode = "zeros",
+        features: FeatureConfig = DEFAULT_FEATURES,
+        augment: AugmentConfig = NO_AUGMENT,
         seed: int = 0,
     ) -> None:
         """
@@ -133,23 +153,22 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes per rank (decode + fbank run there).
             shuffle_buffer: compressed clips each worker holds to shuffle (~170 kB each
                 for 10 s); 0 or 1 reads shards in stored order.
-            target_length: frames per example; longer clips are cropped at a random frame,
-                shorter ones zero-padded (1024 = 10.24 s, the originals' setting).
-            num_mel_bins: mel bins of the Kaldi filterbank.
-            features: "fbank" (the originals' log-mel filterbank) or "mfcc" (`num_ceps`
-                Kaldi MFCCs over the same frames; the encoder then reads `num_ceps` bins).
-            num_ceps: MFCC coefficients per frame.
-            stats: filterbank normalisation: a published dataset name ("asli" = the
-                AudioSet+LibriSpeech values of SSAST/SSAMBA), "shards" (stats.json of the
-                single source) or [mean, std].
-            pad: how clips shorter than `target_length` are filled: "zeros" (the
-                originals: log-mel 0, loud after normalisation) or "floor" (each bin's
-                quietest value in the clip); saved with the exported encoder's features.
+            features: the model input (`FeatureConfig`: kind, bins, target_length, stats,
+                pad); "shards" statistics and an "auto" length read the stats.json of the
+                first source. Longer clips are cropped at a random frame in training;
+                saved with the exported encoder's features.
+            augment: augmentation of the training inputs (`AugmentConfig`: mixing in
+                another clip of the batch at an SNR, gain, time shift, frequency stretch;
+                `clean_targets` adds the un-noised clip for the objective's targets). Off
+                by default; validation is never augmented.
             seed: base seed of shard draws, mixing and shuffling (each rank and worker
                 derives its own).
         """
         super().__init__()
         self.save_hyperparameters()
+        # plain data: checkpoints load weights-only
+        self.hparams.features = asdict(features)
+        self.hparams.augment = asdict(augment)
         if not sources:
             raise ValueError("sources: give at least one shard set")
         self.source_shards = [source_shards(s, f"sources[{i}]") for i, s in enumerate(sources)]
@@ -162,17 +181,13 @@ class PretrainDataModule(L.LightningDataModule):
                 "batch_size and steps_per_epoch must be > 0 and num_workers >= 0, got "
                 f"{batch_size}, {steps_per_epoch}, {num_workers}"
             )
-        single = sources[0]["shards"] if len(sources) == 1 else None
-        mean, std = normalisation_stats(stats, single)
-        self.fbank = FbankConfig(
-            target_length=target_length,
-            num_mel_bins=num_mel_bins,
-            kind=features,
-            num_ceps=num_ceps,
-            mean=mean,
-            std=std,
-            pad=pad,
-        )
+        if features.stats == "shards" and len(sources) > 1:
+            raise ValueError(
+                'data.features.stats: "shards" needs a single source; name a dataset or '
+                "give [mean, std]"
+            )
+        self.fbank: FbankConfig = resolve_features(features, sources[0]["shards"])
+        self.augment = augment
         self.train_counter = SkipCounter(num_workers)
         self.val_counter = SkipCounter(num_workers)
         self._place: tuple[int, int] | None = None  # (rank, world size)
@@ -234,7 +249,7 @@ class PretrainDataModule(L.LightningDataModule):
             stream = MixedShardStream(
                 self.source_shards,
                 self.weights,
-                FbankBatch(self.fbank, "random", train=True),
+                FbankBatch(self.fbank, "random", train=True, augment=self.augment),
                 hp.batch_size,
                 hp.shuffle_buffer,
                 rank,

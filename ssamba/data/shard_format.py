@@ -7,7 +7,8 @@ A shard folder holds:
     index.json          {"sample_rate", "clips", "splits": {split: {"shards": [{"file",
                         "clips"}], "clips", "hours"}}}
     stats.json          {"clips", "hours", "splits", "rejects", "fbank_mean", "fbank_std",
-                        "fbank_clips", "fbank"}
+                        "fbank_clips", "fbank", "durations": {"p10", "p50", "p90", "p95",
+                        "max" (seconds), "clips"}}
     labels.csv          index,id,name: the class order of label vectors (labelled corpora)
     rejects.jsonl       {"id", "path", "split", "reason"} per input that is in no shard
     manifest.jsonl      the clip list the shards were written from
@@ -127,6 +128,82 @@ def encode_audio(wave: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+# Limits on a sample's json as read: generous for any real clip (a few hundred bytes, two
+# levels), small enough that a crafted member cannot exhaust memory or the recursion limit.
+META_MAX_BYTES = 1 << 20
+META_MAX_DEPTH = 8
+
+
+class BadMeta(ValueError):
+    """A sample json that fails `parse_sample_meta`; the message says which field and why."""
+
+
+def parse_sample_meta(data: bytes) -> dict[str, Any]:
+    """A sample's json member -> its metadata, validated field by field, or BadMeta.
+
+    Checked: size (`META_MAX_BYTES`), nesting depth (`META_MAX_DEPTH`, measured before
+    parsing so a deep document cannot reach the recursion limit), an object at the top,
+    `labels` a string or a list of strings (a string is read as one label), `id` and
+    `split` strings or numbers, `fold` an integer, `duration` a number. Other fields pass
+    as they are.
+    """
+    if len(data) > META_MAX_BYTES:
+        raise BadMeta(f"{len(data)} bytes, more than {META_MAX_BYTES}")
+    depth = _json_depth(data)
+    if depth > META_MAX_DEPTH:
+        raise BadMeta(f"nested {depth} levels deep, more than {META_MAX_DEPTH}")
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadMeta(f"not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise BadMeta(f"a JSON {type(meta).__name__}, not an object")
+    labels = meta.get("labels", [])
+    if isinstance(labels, str):
+        labels = [labels]
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise BadMeta(f"labels {_short(labels)}: not a string or a list of strings")
+    meta["labels"] = labels
+    for key, kinds in (("id", (str, int)), ("split", (str, int)), ("duration", (int, float))):
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], kinds)):
+            raise BadMeta(
+                f"{key} {_short(meta[key])}: not a {' or '.join(k.__name__ for k in kinds)}"
+            )
+    if "fold" in meta:
+        try:
+            meta["fold"] = int(str(meta["fold"]))
+        except ValueError:
+            raise BadMeta(f"fold {_short(meta['fold'])}: not an integer") from None
+    return meta
+
+
+def _json_depth(data: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, outside strings; no parsing, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def reject_entry(record: dict[str, Any], reason: str) -> dict[str, Any]:
     """One line of rejects.jsonl."""
     return {"id": record["id"], "path": record["path"], "split": record["split"], "reason": reason}
@@ -193,6 +270,17 @@ def read_stats(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: run `make stats SHARDS={folder}`") from err
     except ValueError as err:
         raise ValueError(f"{path}: not JSON ({err})") from err
+
+
+def duration_quantile(folder: Path, quantile: str) -> float:
+    """A quantile ("p90", ...) of the clip durations in seconds the shard writer recorded."""
+    durations = read_stats(folder).get("durations")
+    if not isinstance(durations, dict) or quantile not in durations:
+        raise ValueError(
+            f"{Path(folder) / STATS_NAME} has no clip durations (written before they were "
+            f"recorded): re-run `make stats SHARDS={folder}`, or give target_length in frames"
+        )
+    return float(durations[quantile])
 
 
 def fbank_stats(folder: Path) -> tuple[float, float]:

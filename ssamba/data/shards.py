@@ -15,7 +15,6 @@ and the training task can read the totals) and logs it.
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,8 @@ from ssamba.data.shard_format import (
     META_MEMBER,
     SAMPLE_RATE,
     SHARD_GLOB,
+    BadMeta,
+    parse_sample_meta,
     read_index,
     shard_split,
     split_member_name,
@@ -95,12 +96,14 @@ def _globbed_shards(root: Path) -> list[Shard]:
 
 @dataclass
 class RawClip:
-    """One sample as stored: its key, shard, audio bytes and parsed json (None if absent/bad)."""
+    """One sample as stored: its key, shard, audio bytes and parsed json (None if absent/bad,
+    with `meta_error` saying why it was refused)."""
 
     key: str
     shard: str
     audio: bytes | None = None
     meta: dict[str, Any] | None = None
+    meta_error: str | None = None
 
 
 @dataclass
@@ -162,7 +165,7 @@ def iter_shard(path: str) -> Iterator[RawClip]:
         if ext in AUDIO_MEMBERS or ext == META_MEMBER:
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
             if ext == META_MEMBER:
-                clip.meta = _parse_meta(data)
+                clip.meta, clip.meta_error = _parse_meta(data)
             else:
                 clip.audio = data
     if clip is not None:
@@ -176,7 +179,7 @@ def scan_shard(path: str) -> tuple[list[ClipRef], list[RawClip], ShardError | No
     json; `error` says why the tar stopped early (the clips before the break are kept).
     """
     refs: dict[str, ClipRef] = {}
-    metas: dict[str, dict[str, Any] | None] = {}
+    metas: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
     order: list[str] = []
     error = None
     try:
@@ -191,21 +194,21 @@ def scan_shard(path: str) -> tuple[list[ClipRef], list[RawClip], ShardError | No
         error = err
     clips, broken = [], []
     for key in order:
-        ref, meta = refs.get(key), metas.get(key)
+        ref, (meta, meta_error) = refs.get(key), metas.get(key, (None, None))
         if ref is None or meta is None:
-            broken.append(RawClip(key, path, None if ref is None else b"", meta))
+            broken.append(RawClip(key, path, None if ref is None else b"", meta, meta_error))
             continue
         ref.meta = meta
         clips.append(ref)
     return clips, broken, error
 
 
-def _parse_meta(data: bytes) -> dict[str, Any] | None:
+def _parse_meta(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(metadata, None), or (None, why the json was refused)."""
     try:
-        meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
+        return parse_sample_meta(data), None
+    except BadMeta as err:
+        return None, str(err)
 
 
 class ClipReader:
@@ -247,6 +250,8 @@ def decode_clip(raw: RawClip) -> tuple[torch.Tensor, dict[str, Any]]:
             "bad_metadata", f"{name}: no audio member ({'/'.join(sorted(AUDIO_MEMBERS))})"
         )
     meta = raw.meta
+    if meta is None and raw.meta_error is not None:
+        raise CorruptClip("bad_metadata", f"{name}: .json refused: {raw.meta_error}")
     if meta is None:
         raise CorruptClip("bad_metadata", f"{name}: missing or unparsable .json")
     try:

@@ -9,12 +9,20 @@ cropped to 1024 frames costs a third of the filterbank work.
 from __future__ import annotations
 
 import random
-from typing import Literal
+import sys
+from typing import Any, Literal
 
 import torch
 
-from ssamba.data.shard_format import fbank_stats
-from ssamba.features import DATASET_STATS, FbankConfig, clip_features
+from ssamba.data.shard_format import duration_quantile, fbank_stats
+from ssamba.features import (
+    AUTO_QUANTILE,
+    DATASET_STATS,
+    FbankConfig,
+    FeatureConfig,
+    auto_target_length,
+    clip_features,
+)
 
 CropPosition = Literal["random", "start", "center"]
 
@@ -55,7 +63,7 @@ def batch_features(
     """Filterbanks of a list of waves: (batch, target_length, bins), frames (batch,), indices kept.
 
     `frames` counts each clip's own frames, at most `target_length`: the rest of its window
-    is padding, which tasks with `ignore_padding` keep out of masking, losses and pooling.
+    is padding, which ClassifyTask with `ignore_padding` keeps out of pooling.
     A wave whose filterbank is not finite is left out (its index missing from the list),
     so the caller can count it; `train` applies SpecAugment / noise as `cfg` says.
     """
@@ -93,3 +101,51 @@ def normalisation_stats(
             f'stats: {stats!r} is not "shards", [mean, std] or one of {sorted(DATASET_STATS)}'
         )
     return DATASET_STATS[stats]
+
+
+def resolve_target_length(target_length: int | str, shard_folder: str | None) -> int:
+    """Frames per example: `target_length` as given, or for "auto" the 90th percentile of
+    the clip durations in `shard_folder`'s stats.json, rounded up to a multiple of 16 frames
+    and capped at 1024 (`ssamba.features.auto_target_length`)."""
+    if target_length != "auto":
+        return int(target_length)
+    if shard_folder is None:
+        raise ValueError(
+            'data.features.target_length: "auto" reads the clip durations of a shard folder; '
+            "none is given"
+        )
+    return auto_target_length(duration_quantile(shard_folder, AUTO_QUANTILE))
+
+
+def resolve_features(
+    features: FeatureConfig, shard_folder: str | None, **augment: int | bool
+) -> FbankConfig:
+    """The concrete `FbankConfig` of a recipe's `data.features` for a shard folder (whose
+    stats.json gives "shards" normalisation and "auto" lengths); `augment`: FbankConfig's
+    training augmentation (freqm, timem, noise). An "auto" length is said on stderr."""
+    mean, std = normalisation_stats(features.stats, shard_folder)
+    frames = resolve_target_length(features.target_length, shard_folder)
+    if features.target_length == "auto":
+        seconds = duration_quantile(str(shard_folder), AUTO_QUANTILE)
+        print(
+            f"data.features.target_length: auto -> {frames} frames ({AUTO_QUANTILE} of the "
+            f"clip durations in {shard_folder}: {seconds:.3f} s)",
+            file=sys.stderr,
+        )
+    return FbankConfig(
+        target_length=frames,
+        num_mel_bins=features.num_mel_bins,
+        kind=features.kind,
+        num_ceps=features.num_ceps,
+        mean=mean,
+        std=std,
+        pad=features.pad,
+        **augment,  # type: ignore[arg-type]
+    )
+
+
+def linked_input_frames(features: Any, shard_folder: str | None) -> int:
+    """The encoder's input length for a recipe: its `data.features` (a `FeatureConfig`,
+    or the namespace the command line parsed it into) resolved for `shard_folder`; what
+    `ssamba pretrain|finetune` link `model.input_frames` to."""
+    return resolve_target_length(features.target_length, shard_folder)

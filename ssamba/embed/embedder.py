@@ -197,7 +197,7 @@ class Embedder(nn.Module):
         )
         for begin in range(0, len(items), self.batch_size):
             chunk = items[begin : begin + self.batch_size]
-            fbank = torch.stack([self._window_fbank(waves[c], plan.starts[w]) for c, w in chunk])
+            fbank = torch.stack([self.window_fbank(waves[c], plan.starts[w]) for c, w in chunk])
             outputs = self.encoder.forward_features(fbank.to(self._device), return_layers=True)
             for slot, index in enumerate(layers):
                 tokens = outputs[index]
@@ -229,7 +229,7 @@ class Embedder(nn.Module):
             )
         return layer % self.num_layers
 
-    def _window_fbank(self, wave: Tensor, start_frame: int) -> Tensor:
+    def window_fbank(self, wave: Tensor, start_frame: int) -> Tensor:
         """Normalised (input_frames, mel_bins) of one window; a slice shorter than one
         analysis frame (only a clip that short) is zero-padded to one frame."""
         begin, end = self.windowing.window_samples(start_frame, wave.shape[0])

@@ -26,9 +26,11 @@ one there is an error. LoRA replaces each projection by a `LoRALinear` that hold
 same Parameters under the same names and exposes `weight` as W + scale * B A, because the
 fused Mamba paths read `out_proj.weight` directly instead of calling the module.
 
-An adapter file (`save_adapter_file` / `load_adapter_file`) holds only the adapters, the
-classifier head, the labels and a reference to its base encoder (path and a sha256 of its
-weights); it loads onto that encoder and refuses any other.
+An adapter file (`save_adapter_file`) holds only the adapters, the classifier head, the
+labels and a reference to its base encoder (path and a sha256 of its weights). The one
+loader (`ssamba.models.encoder_file.load_encoder_file`) reads it onto that encoder and
+refuses any other. This module imports neither the encoder nor the loader, so the imports
+run one way: encoder_file -> encoder -> adapters.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.configs import dataclass_from_dict
+from ssamba.files import atomic_path
 from ssamba.models.transformer import TransformerBlock
 
 if TYPE_CHECKING:
     from ssamba.models.encoder import AudioEncoder
-    from ssamba.models.encoder_file import EncoderFile
 
 AdapterKind = Literal["bottleneck", "conv", "lora"]
 Placement = Literal["parallel", "sequential"]
@@ -306,10 +308,6 @@ def parameter_counts(encoder: AudioEncoder) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------- files
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be used as asked; the message says why and what to do."""
-
-
 def save_adapter_file(
     path: str | Path,
     encoder: AudioEncoder,
@@ -321,7 +319,8 @@ def save_adapter_file(
 ) -> Path:
     """Write adapters + head + labels + base reference; `base`: {"path", "sha256", "config"}
     (the base encoder's file and weights as loaded, before any resize), `extra`: geometry
-    ("input_frames", "stride"), "pooling" and "ignore_padding" needed to rebuild the classifier."""
+    ("input_frames", "stride"), "pooling", "ignore_padding" and "multilabel" needed to
+    rebuild the classifier."""
     if getattr(encoder, "adapters", None) is None:
         raise ValueError("save_adapter_file: the encoder has no adapters")
     path = Path(path)
@@ -339,58 +338,6 @@ def save_adapter_file(
         "stride": list(encoder.cfg.stride),
         **dict(extra or {}),
     }
-    torch.save(payload, path)
+    with atomic_path(path) as staged:
+        torch.save(payload, staged)
     return path
-
-
-def load_adapter_file(
-    path: str | Path, base: str | Path | EncoderFile | None = None
-) -> EncoderFile:
-    """The adapted classifier of an adapter file, on its base encoder.
-
-    `base`: the base encoder (a file any loader reads, or an `EncoderFile`); None reads the
-    path recorded in the file. A base whose weights differ from the recorded checksum is
-    refused (AdapterFileError naming both). Returns an `EncoderFile` whose encoder carries
-    the adapters (resized to the stored geometry) and whose head/labels are the file's;
-    `provenance["pooling"]` and `provenance["ignore_padding"]` say how to pool before the head.
-    """
-    from ssamba.models.encoder_file import EncoderFile, load_encoder_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-        raise AdapterFileError(f"{path}: not an adapter file (format {FORMAT!r})")
-    recorded = payload["base"]
-    if base is None:
-        base = recorded.get("path")
-        if not base:
-            raise AdapterFileError(f"{path}: records no base encoder path; pass base=...")
-    bundle = base if isinstance(base, EncoderFile) else load_encoder_file(base)
-    where = bundle.provenance.get("source", "the given encoder")
-    got = weights_sha256(bundle.encoder)
-    if got != recorded["sha256"]:
-        raise AdapterFileError(
-            f"{path}: these adapters belong to base encoder {recorded.get('path')} (weights "
-            f"sha256 {recorded['sha256'][:12]}...), not to {where} (sha256 {got[:12]}...); "
-            "load them onto the encoder they were trained on"
-        )
-    encoder = bundle.encoder
-    encoder.resize_input(input_frames=payload["input_frames"], stride=tuple(payload["stride"]))
-    encoder.add_adapters(AdapterConfig.from_dict(payload["adapter"]))
-    encoder.adapters.load_state_dict(payload["adapters"])
-    encoder.eval()
-    provenance = {
-        "kind": "adapter file",
-        "source": str(path),
-        "base": recorded,
-        "pooling": payload.get("pooling", "mean"),
-        "ignore_padding": payload.get("ignore_padding", False),
-    }
-    features = bundle.features
-    if payload.get("features") is not None:
-        from ssamba.features import FbankConfig
-
-        features = FbankConfig.from_dict(payload["features"])
-    return EncoderFile(encoder, features, payload.get("labels"), dict(payload["head"]), provenance)

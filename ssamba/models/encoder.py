@@ -22,19 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ssamba.configs import dataclass_from_dict
+from ssamba.models.adapters import AdapterConfig, attach_adapters, remove_adapters
 from ssamba.models.layers import DropPath, NormKind, linspace_rates, make_norm
 from ssamba.models.mamba import BIMAMBA_TYPES, BimambaType, MambaBlock, MambaMixer
 from ssamba.models.patching import PatchEmbed, patch_grid, resize_pos_grid, unfold_patches
 from ssamba.models.transformer import ATTENTION_IMPLS, AttentionImpl, TransformerBlock
-
-if TYPE_CHECKING:
-    from ssamba.models.adapters import AdapterConfig
 
 Family = Literal["ssamba", "ssast", "aum"]
 FAMILIES = ("ssamba", "ssast", "aum")
@@ -452,14 +450,10 @@ class AudioEncoder(nn.Module):
     def add_adapters(self, spec: AdapterConfig) -> nn.ModuleDict:
         """Attach the adapters or LoRA of `spec` (`ssamba.models.adapters`), kept in
         `self.adapters`; base parameter names do not change. Returns the adapters."""
-        from ssamba.models.adapters import attach_adapters
-
         return attach_adapters(self, spec)
 
     def remove_adapters(self) -> None:
         """Detach everything `add_adapters` attached."""
-        from ssamba.models.adapters import remove_adapters
-
         remove_adapters(self)
 
     # ------------------------------------------------------------------ internals

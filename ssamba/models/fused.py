@@ -11,8 +11,7 @@ directions, as one op (`ssamba::mamba_inner`) with its own backward
 
 For its backward the op keeps the input, the weights, x_proj's output (dt_rank + 2 * d_state
 numbers a token) and each scan's state every CHUNK steps: no (batch, length, d_inner)
-activation. The backward recomputes xz with one matrix product (`recompute_in_proj=False`
-on the mixer keeps xz instead: in_proj then runs outside the op, which takes xz), u with
+activation. The backward recomputes xz with one matrix product, u with
 one conv per direction, and gets y back from the scans' backward (which recompute the
 states anyway) for out_proj's gradient; the gradients of x and z of both directions land
 in one (batch, length, 2 * d_inner) tensor. dt_proj runs inside the scan kernel (delta =
@@ -141,9 +140,8 @@ class _Layout(NamedTuple):
 def mamba_inner(hidden: Tensor, mixer: MambaMixer, reverse: bool = False) -> Tensor:
     """The mixer; hidden: (batch, length, d_model) -> same shape.
 
-    Uses the mixer's parameters (by their checkpoint names) and its bimamba, divide_out and
-    recompute_in_proj (recompute in_proj's output xz for the backward, or keep it). in_proj
-    runs inside the op, except under bf16 autocast, which runs it in bf16 outside (the op
+    Uses the mixer's parameters (by their checkpoint names) and its bimamba and divide_out.
+    in_proj runs inside the op, except under bf16 autocast, which runs it in bf16 outside (the op
     then takes xz and keeps it, at half size).
     """
     inside = not torch.is_autocast_enabled("cpu")
@@ -160,8 +158,7 @@ def mamba_inner(hidden: Tensor, mixer: MambaMixer, reverse: bool = False) -> Ten
     scale = 0.5 if mixer.bidirectional and mixer.divide_out else 1.0
     # Keep what the backward needs only if there will be one (not at inference).
     save = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    keep_xz = inside and save and not mixer.recompute_in_proj
-    out, *_ = torch.ops.ssamba.mamba_inner(x, weights, *layout, scale, reverse, save, keep_xz)
+    out, *_ = torch.ops.ssamba.mamba_inner(x, weights, *layout, scale, reverse, save)
     return out
 
 
@@ -176,30 +173,26 @@ def _mamba_inner_op(
     scale: float,
     reverse: bool,
     save: bool,
-    keep_xz: bool,
 ) -> list[Tensor]:
     """[out (batch, length, d_model), *saved]: with `save`, what the backward needs, per
     scan the states every CHUNK steps (batch, chunks, d_state, d_inner) and per group of
-    scans sharing inputs x_proj's output (batch * length, dt_rank + 2 * d_state), then with
-    `keep_xz` in_proj's output (batch, length, 2 * d_inner), else recomputed.
+    scans sharing inputs x_proj's output (batch * length, dt_rank + 2 * d_state); in_proj's
+    output is recomputed.
 
     x: hidden (batch, length, d_model) if the layout has in_proj, else in_proj's output xz
     (batch, length, 2 * d_inner); weights: the layout's parameters (`_Layout.weight_names`).
     """
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj))
     with torch.autocast("cpu", enabled=False):
-        return _forward(x, p, scale, reverse, save, keep_xz)
+        return _forward(x, p, scale, reverse, save)
 
 
 @_mamba_inner_op.register_fake
-def _(x, weights, bimamba, conv_bias, out_bias, in_proj, scale, reverse, save, keep_xz):
+def _(x, weights, bimamba, conv_bias, out_bias, in_proj, scale, reverse, save):
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj), cast=False)
     batch, length, _ = x.shape
     out = x.new_empty(batch, length, p.out_proj_weight.shape[0])
     saved = _new_saved(x, _groups(p, reverse)) if save else []
-    if save and keep_xz and in_proj:
-        dtype = _compute_dtype(x.dtype)
-        saved.append(x.new_empty(batch, length, p.in_proj_weight.shape[0], dtype=dtype))
     return [out, *saved]
 
 
@@ -215,26 +208,24 @@ def _mamba_inner_backward_op(
     in_proj: int,
     scale: float,
     reverse: bool,
-    keep_xz: bool,
 ) -> list[Tensor]:
     """[d x, d weight for each weight]; saved: the forward's outputs after `out`."""
     p = _Params.of(x, weights, _Layout(bimamba, conv_bias, out_bias, in_proj))
     with torch.autocast("cpu", enabled=False):
-        grads = _backward(dout, x, p, saved, scale, reverse, keep_xz)
+        grads = _backward(dout, x, p, saved, scale, reverse)
     # Each gradient in its input's dtype (bf16 activations, float32 weights under autocast),
     # contiguous as the fake implementation promises.
     return [g.to(t.dtype).contiguous() for g, t in zip(grads, [x, *weights], strict=True)]
 
 
 @_mamba_inner_backward_op.register_fake
-def _(dout, x, weights, saved, bimamba, conv_bias, out_bias, in_proj, scale, reverse, keep_xz):
+def _(dout, x, weights, saved, bimamba, conv_bias, out_bias, in_proj, scale, reverse):
     return [t.new_empty(t.shape) for t in [x, *weights]]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, *options, _, keep_xz = inputs
+    x, weights, *options, _ = inputs
     ctx.options = options
-    ctx.keep_xz = keep_xz
     ctx.n_weights = len(weights)
     ctx.save_for_backward(x, *weights, *output[1:])
 
@@ -242,13 +233,10 @@ def _setup_context(ctx, inputs, output):
 def _grad(ctx, grads):
     x, *rest = ctx.saved_tensors
     weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
-    keep_xz = ctx.keep_xz and bool(saved)
     if not saved:  # called with save=False after all: run the forward again to get them
-        saved = torch.ops.ssamba.mamba_inner(x, weights, *ctx.options, True, False)[1:]
-    dx, *dweights = torch.ops.ssamba.mamba_inner_backward(
-        grads[0], x, weights, saved, *ctx.options, keep_xz
-    )
-    return dx, dweights, *[None] * 8
+        saved = torch.ops.ssamba.mamba_inner(x, weights, *ctx.options, True)[1:]
+    dx, *dweights = torch.ops.ssamba.mamba_inner_backward(grads[0], x, weights, saved, *ctx.options)
+    return dx, dweights, *[None] * 7
 
 
 _mamba_inner_op.register_autograd(_grad, setup_context=_setup_context)
@@ -402,12 +390,10 @@ def release_workspace() -> None:
     _workspace.buffers.clear()
 
 
-def _forward(
-    inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool, keep_xz: bool
-) -> list[Tensor]:
+def _forward(inp: Tensor, p: _Params, scale: float, reverse: bool, save: bool) -> list[Tensor]:
     """[out, *saved] (see the op); the scans add scale * their output into one y.
 
-    What outlives the call (out, and with `save` the states, x_dbl and a kept xz) is
+    What outlives the call (out, and with `save` the states and x_dbl) is
     allocated before the temporaries (xz, y, u), which come from the workspace.
     """
     kernel = load_cpu_kernel()
@@ -418,10 +404,7 @@ def _forward(
     out = inp.new_empty(batch * length, p.out_proj_weight.shape[0])
     saved = _new_saved(inp, groups) if save else []
 
-    keep_xz = keep_xz and save and p.in_proj_weight is not None
-    if keep_xz:
-        saved.append(inp.new_empty(batch, length, 2 * d_inner))
-    xz_out = saved[-1] if keep_xz else _workspace("xz", inp, 2 * d_inner)
+    xz_out = _workspace("xz", inp, 2 * d_inner)
     xz = _in_proj(inp, p, xz_out if p.in_proj_weight is not None else None)
     x, z = (_channels(t) for t in xz.split(d_inner, dim=-1))
     y = _workspace("y", inp, d_inner)
@@ -481,7 +464,6 @@ def _backward(
     saved: list[Tensor],
     scale: float,
     reverse: bool,
-    keep_xz: bool,
 ) -> list[Tensor]:
     """Gradients of the op's input and of the weights in its order, in the compute dtype."""
     kernel = load_cpu_kernel()
@@ -490,10 +472,7 @@ def _backward(
     # What outlives the call first (see _forward): d hidden, or d xz (then the op's input).
     d_inp = torch.empty_like(inp)
     in_proj = p.in_proj_weight is not None
-    if keep_xz:
-        *saved, xz = saved
-    else:  # recomputed
-        xz = _in_proj(inp, p, _workspace("xz", inp, 2 * d_inner) if in_proj else None)
+    xz = _in_proj(inp, p, _workspace("xz", inp, 2 * d_inner) if in_proj else None)
     x, z = (_channels(t) for t in xz.split(d_inner, dim=-1))
     # Both directions' dx and dz land here.
     dxz = _workspace("dxz", inp, 2 * d_inner) if in_proj else d_inp

@@ -28,9 +28,7 @@ ignored); here every path computes both. Paths, all with the same parameters (ch
 move between them):
 - CPU, C++ kernels available (the default): `ssamba.models.fused.mamba_inner`, one
   torch.library op for in_proj ... out_proj with its own backward, which keeps no
-  (batch, length, d_inner) activation (see that module). `recompute_in_proj=False` keeps
-  in_proj's output instead of recomputing it (~5% faster steps, ~450 MB more for a
-  ssamba-tiny pretraining step).
+  (batch, length, d_inner) activation (see that module).
 - CUDA with mamba-ssm's Mamba-1 kernels and causal-conv1d: "none" and "v2" run mamba-ssm's
   fused `mamba_inner_fn` (flips for the backward direction).
 - Otherwise, and with `use_fast_path=False` or SSAMBA_SCAN=ref|chunked (the reference):
@@ -91,7 +89,6 @@ class MambaMixer(nn.Module):
         divide_out: bool = True,
         n_residual_layers: int | None = None,
         use_fast_path: bool = True,
-        recompute_in_proj: bool = True,
     ) -> None:
         super().__init__()
         if bimamba not in BIMAMBA_TYPES:
@@ -102,7 +99,6 @@ class MambaMixer(nn.Module):
         self.bimamba = bimamba
         self.divide_out = divide_out
         self.use_fast_path = use_fast_path
-        self.recompute_in_proj = recompute_in_proj
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = self._make_conv(conv_bias)

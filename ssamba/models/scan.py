@@ -31,6 +31,8 @@ The C++ scan is registered as the torch.library ops `ssamba::selective_scan` and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -39,7 +41,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -316,18 +318,64 @@ def _no_cuda_home_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No CUDA runtime is found")
 
 
-def _say_when_building(cpp_extension: Any) -> None:
-    """One line on stderr before a first build, which takes a minute with no output."""
-    try:
-        folder = Path(cpp_extension._get_build_directory(_KERNEL_NAME, False))
-    except Exception:  # a private helper: if it moves, building stays silent
-        return
-    if not any(folder.glob(f"{_KERNEL_NAME}*.so")):
-        print(
-            "ssamba: building the C++ CPU kernels (first use, about a minute; cached in "
-            f"{folder.parent})",
-            file=sys.stderr,
-            flush=True,
+_KERNEL_SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp")
+
+
+def _kernel_flags() -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp", f"-DSSAMBA_CPU={_cpu_fingerprint()}"]
+
+
+def kernel_build_folder(flags: list[str], root: Path | None = None) -> Path:
+    """Where this checkout's kernels are built: `<root>/ssamba_cpu_kernels-<hash>`.
+
+    The hash covers every file of csrc/, the flags (the CPU's feature flags among them),
+    torch's and Python's versions, so two checkouts or versions on one machine never
+    rebuild, or load, each other's build (torch's own folder is one per name, shared by
+    all). root: `$TORCH_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/ssamba` (~/.cache/ssamba).
+    """
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cache) / "ssamba")
+    digest = hashlib.sha256()
+    for source in sorted(_CSRC.iterdir()):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    digest.update("\0".join([*flags, torch.__version__, python]).encode())
+    return Path(root) / f"{_KERNEL_NAME}-{digest.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _build_lock_file(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<folder>.lock` (fcntl): a second process that needs the
+    same build waits here until the first has finished it, then loads it. The OS drops
+    the lock when its holder dies, so a killed build never blocks the next one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_and_load(cpp_extension: Any, folder: Path, flags: list[str]) -> Any:
+    """Under the lock: one line on stderr when the kernels are built here (a build takes a
+    minute or more, silently), then torch's build-or-load."""
+    with _build_lock_file(folder):
+        if not (folder / f"{_KERNEL_NAME}.so").is_file():
+            print(f"ssamba: building the C++ CPU kernels in {folder}", file=sys.stderr, flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            # torch's own lock file, left behind by a build that was killed, would make
+            # torch wait forever; under our lock no other process is building here.
+            (folder / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=_KERNEL_NAME,
+            sources=[str(_CSRC / name) for name in _KERNEL_SOURCES],
+            extra_include_paths=[str(_CSRC)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            verbose=False,
         )
 
 
@@ -336,8 +384,8 @@ def load_cpu_kernel():
 
     One module holds the selective scan (`scan_forward`/`scan_backward`) and the mixer's
     depthwise causal conv1d + silu (`conv_forward`/`conv_backward`, used by
-    `ssamba.models.mamba`). Raises RuntimeError with the compiler's complaint if it
-    cannot be built.
+    `ssamba.models.mamba`). The build lives in `kernel_build_folder`. Raises RuntimeError
+    with the compiler's complaint if it cannot be built.
     """
     global _kernel, _kernel_error
     with _build_lock:
@@ -345,18 +393,9 @@ def load_cpu_kernel():
             logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_home_notice)
             from torch.utils import cpp_extension
 
-            _say_when_building(cpp_extension)
-            flags = ["-O3", "-march=native", "-fopenmp", f"-DSSAMBA_CPU={_cpu_fingerprint()}"]
-            sources = ["module.cpp", "selective_scan.cpp", "causal_conv1d.cpp"]
+            flags = _kernel_flags()
             try:
-                _kernel = cpp_extension.load(
-                    name=_KERNEL_NAME,
-                    sources=[str(_CSRC / name) for name in sources],
-                    extra_include_paths=[str(_CSRC)],
-                    extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                _kernel = _build_and_load(cpp_extension, kernel_build_folder(flags), flags)
             except Exception as err:  # compiler missing, headers missing, build error
                 _kernel_error = f"{type(err).__name__}: {err}"
         if _kernel is None:

@@ -21,7 +21,7 @@ Deliberate differences from the originals, each documented where it happens:
 `mode: adapter` (with an `adapter:` section, `ssamba.models.adapters.AdapterConfig`)
 freezes the encoder and trains adapters or LoRA plus the head; its result is an adapter
 file (`adapters.pt` beside the run's `encoder.pt`: adapters, head, labels and the base
-encoder's path and weights checksum), which `load_adapter_file` puts back on that encoder.
+encoder's path and weights checksum), which `load_encoder_file` puts back on that encoder.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ class ClassifyTask(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         fbank = getattr(datamodule, "fbank", None)
         if isinstance(fbank, FbankConfig):
-            stats = getattr(datamodule, "hparams", {}).get("stats")
+            stats = (getattr(datamodule, "hparams", {}).get("features") or {}).get("stats")
             check_features(fbank, self.trained_features, self.encoder.cfg.num_mel_bins, stats)
 
     def trainable_share(self) -> dict[str, float]:
@@ -481,7 +481,11 @@ class ClassifyTask(LightningModule):
             self.base_reference,
             labels=None if names is None else list(names),
             features=fbank.for_inference().to_dict() if isinstance(fbank, FbankConfig) else None,
-            extra={"pooling": self.hparams.pooling, "ignore_padding": self.hparams.ignore_padding},
+            extra={
+                "pooling": self.hparams.pooling,
+                "ignore_padding": self.hparams.ignore_padding,
+                "multilabel": self.hparams.multilabel,
+            },
         )
 
 
@@ -490,7 +494,7 @@ def check_features(
 ) -> None:
     """The data's features must be the kind and size the encoder reads (ValueError if not).
 
-    MFCC-grams need their own normalisation: `data.stats: shards` gives the filterbank
+    MFCC-grams need their own normalisation: `data.features.stats: shards` gives the filterbank
     statistics of stats.json, which would scale MFCCs wrongly (`stats`: the data's setting).
     """
     if trained is not None and (trained.kind, trained.feature_dim) != (
@@ -500,24 +504,24 @@ def check_features(
         raise ValueError(
             f"model.init: the encoder was trained on {trained.kind} features "
             f"({trained.feature_dim} per frame) but data gives {data.kind} "
-            f"({data.feature_dim}); set data.features {trained.kind}"
-            + (f" and data.num_ceps {trained.num_ceps}" if trained.kind == "mfcc" else "")
+            f"({data.feature_dim}); set data.features.kind {trained.kind}"
+            + (f" and data.features.num_ceps {trained.num_ceps}" if trained.kind == "mfcc" else "")
         )
     if data.feature_dim != encoder_bins:
         raise ValueError(
             f"data: {data.kind} features give {data.feature_dim} values per frame but the "
             f"encoder reads {encoder_bins} (EncoderConfig.num_mel_bins); set "
             + (
-                "model.encoder.num_mel_bins to data.num_ceps"
+                "model.encoder.num_mel_bins to data.features.num_ceps"
                 if data.kind == "mfcc"
                 else "them equal"
             )
         )
     if data.kind == "mfcc" and stats == "shards":
         raise ValueError(
-            "data.stats: 'shards' gives the filterbank mean/std of stats.json, not MFCC ones; "
-            "measure them (python -m data_prep stats --shards DIR --kind mfcc) and set "
-            "data.stats: [mean, std]"
+            "data.features.stats: 'shards' gives the filterbank mean/std of stats.json, not "
+            "MFCC ones; measure them (python -m data_prep stats --shards DIR --kind mfcc) and "
+            "set data.features.stats: [mean, std]"
         )
 
 

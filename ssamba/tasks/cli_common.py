@@ -6,7 +6,9 @@ run with `build_cli(TaskClass, DataClass, argv, ...)` (or `ClassifyCLI` on top o
 returns a `RunResult` (model, metrics, files) to Python callers, and its `main` prints
 it. Shared behaviour lives here:
 
-- recipes are YAML read with `parser_mode="omegaconf"` (so `${model.n_masked}` style
+- `--config` takes a recipe file, or a packaged recipe by name (`recipes/finetune/fsdd.yaml`
+  works from any folder: `ssamba.recipe_paths.recipe_path`);
+- recipes are YAML read with `parser_mode="omegaconf"` (so `${model.lr}` style
   interpolation works) and compose pieces: a top-level `defaults: [common/mspm.yaml,
   ../data/asli.yaml]` (paths relative to the recipe) applies those files first, in order,
   then the recipe's own keys on top, key by key, like repeated `--config` options;
@@ -14,17 +16,23 @@ it. Shared behaviour lives here:
   (`model.encoder: ../model/ssamba_tiny.yaml`, relative to the recipe), and dotted
   options (`--model.encoder.depth 2`) edit single fields of it, in every command alike;
   `--print_config` prints the merged values, a recipe that runs as it is;
-- `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder *in that
-  same folder*, so TensorBoard curves and checkpoints continue rather than fork; with no
+- `--ckpt_path last` resumes the newest `last.ckpt` of the recipe's run folder whose run
+  is this one (`RUN_KEYS` equal in its config.yaml: task, mode, init, data) *in that
+  same folder*, and refuses in one line when every one there is another run's, so TensorBoard curves and checkpoints continue rather than fork; with no
   checkpoint yet it starts from scratch (as Lightning's own "last"), so a launcher that
-  restarts a job can always pass it;
+  restarts a job can always pass it; a damaged `last.ckpt` (a full disk, a kill during a
+  copy) is named and the newest intact checkpoint of the same version folder taken
+  instead, or the run stops with one line;
+- checkpoints are written atomically (`AtomicCheckpointIO`, installed in every trainer);
 - a bad recipe fails before any training step with one line naming the key or path
   (`SetupError`; the CLIs exit with code 2) (unknown keys and mistyped values are rejected by
   jsonargparse; values the classes reject raise `ValueError` / `FileNotFoundError` from
   their constructors, the Trainer a `MisconfigurationException`);
 - the run's config.yaml is written once training has started, and a `--ckpt_path` whose
   weights do not fit the model (another encoder size) is refused before that, with one
-  line naming the tensors, so a resume that fails leaves the folder as it was;
+  line naming the tensors, so a resume that fails leaves the folder as it was; a
+  checkpoint holding anything but tensors and plain containers is refused the same way
+  (it is read with `weights_only=True`, as Lightning's restore then reads it again);
 - `--trainer.logger false` without `trainer.default_root_dir` keeps the run's files in
   `<default_root>/<recipe name>` rather than the current directory;
 - `--help` shows the command's description as written (examples one per line), and
@@ -49,6 +57,11 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins import CheckpointIO
+
+from ssamba.models.encoder_file import read_checkpoint
+from ssamba.recipe_paths import recipe_path
+from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
     "SETUP_ERRORS",
@@ -65,10 +78,30 @@ __all__ = [
     "setup_error_line",
 ]
 
+# An argument link: (source, target) or (sources, target, compute_fn); see SsambaCLI.
+Link = tuple[str, str] | tuple[str | tuple[str, ...], str, Callable[..., Any]]
+
 # What building a run from a recipe raises for bad input: reported in one line, exit 2.
 SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
 
 LAST = "last"
+# The settings that make a run the same run: `--ckpt_path last` resumes only a version
+# folder whose config.yaml has these as the command line does (a linear probe's
+# last.ckpt fits a fine-tune's model, and Lightning would fail late, or worse, go on).
+# Steps, devices and the encoder are left out: the first two may change on a resume,
+# and an encoder that does not fit is named tensor by tensor by `check_resume`.
+RUN_KEYS = (
+    "task",
+    "model.mode",
+    "model.init",
+    "model.objective",
+    "data.shards",
+    "data.sources",
+    "data.features",
+    "data.fold",
+    "data.test_filter",
+    "data.labels_per_class",
+)
 DEFAULTS_KEY = "defaults"
 CONFIG_FLAGS = ("--config", "-c")
 
@@ -103,11 +136,10 @@ def expand_defaults(argv: Sequence[str]) -> list[str]:
             expanded.append(arg)
             continue
         value = value or next(args, "")
-        path = Path(value)
-        if not value.endswith((".yaml", ".yml")) or not path.is_file():
-            expanded += [flag, value]  # an inline YAML string or a missing file: jsonargparse says
+        if not value.endswith((".yaml", ".yml")):
+            expanded += [flag, value]  # an inline YAML string: jsonargparse reads it
             continue
-        for piece in recipe_pieces(path):
+        for piece in recipe_pieces(recipe_path(value)):
             expanded += [flag, str(piece)]
         # The pieces are merged by now: a printed or saved config must not list them again
         # (their paths are relative to recipes that a printed config no longer sits beside).
@@ -157,8 +189,8 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if not Path(path).is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint, or not tensors only
+        payload = read_checkpoint(path, mmap=True)
+    except (OSError, ValueError):  # not a zip checkpoint, or not tensors only
         return None
     return payload if isinstance(payload, dict) else None
 
@@ -168,9 +200,14 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
     before config.yaml is rewritten), naming the tensors; Lightning would fail later,
     with a traceback, after the run folder was touched. Keys are checked only where
     Lightning's own restore is strict."""
-    payload = peek_checkpoint(ckpt_path) if ckpt_path is not None else None
-    if payload is None:  # missing, or unreadable here: Lightning's restore reports it
+    if ckpt_path is None:
         return
+    try:
+        payload = read_checkpoint(ckpt_path, mmap=True)
+    except ValueError as error:  # pickled code, or not a checkpoint: one line, nothing run
+        raise ValueError(f"--ckpt_path {error}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (not a dict)")
     stored = payload.get("state_dict")
     if not isinstance(stored, dict):
         raise ValueError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)")
@@ -191,10 +228,70 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
         )
 
 
-def find_last_checkpoint(run_root: Path) -> Path | None:
-    """Newest `<run_root>/<version>/checkpoints/last.ckpt`, or None when nothing was saved."""
-    candidates = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+def find_last_checkpoint(run_root: Path, config: dict[str, Any]) -> Path | None:
+    """Newest `<run_root>/<version>/checkpoints/last.ckpt` of the run `config` describes
+    (see `RUN_KEYS`); None when nothing was saved under `run_root`, ValueError naming the
+    difference when every last.ckpt there is another run's."""
+    candidates = sorted(
+        run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for last in candidates:
+        if not run_differences(last.parent.parent / "config.yaml", config):
+            return last
+    if not candidates:
+        return None
+    differences = "; ".join(run_differences(candidates[0].parent.parent / "config.yaml", config))
+    raise ValueError(
+        f"--ckpt_path last: no run under {run_root} is this one (newest: {candidates[0]}, "
+        f"{differences}); pass a checkpoint file to --ckpt_path, or leave it out to start "
+        "a new run"
+    )
+
+
+def run_differences(saved_config: Path, config: dict[str, Any]) -> list[str]:
+    """How the run whose config.yaml is `saved_config` differs from `config` in
+    `RUN_KEYS` ("model.mode 'linear' there, 'finetune' here"); [] for the same run."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (OSError, yaml.YAMLError):
+        return [f"{saved_config} unreadable"]
+    differences = []
+    for key in RUN_KEYS:
+        there, here = _dotted(saved, key), _dotted(config, key)
+        if there != here:
+            differences.append(f"{key} {there!r} there, {here!r} here")
+    return differences
+
+
+def _dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def intact_or_fallback(last: Path) -> Path:
+    """`last` when it is intact; else, saying so on stderr, the newest intact checkpoint
+    beside it (the same run's best or periodic ones); ValueError when there is none."""
+    damage = checkpoint_damage(last)
+    if damage is None:
+        return last
+    others = sorted(
+        (p for p in last.parent.glob("*.ckpt") if p != last),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    fallback = next((p for p in others if checkpoint_damage(p) is None), None)
+    if fallback is None:
+        raise ValueError(
+            f"--ckpt_path last: {last} is damaged ({damage}) and {last.parent} holds no "
+            "intact checkpoint to resume from instead; move it away to start from scratch"
+        )
+    print(
+        f"--ckpt_path last: {last} is damaged ({damage}); resuming from {fallback}, the "
+        "newest intact checkpoint of that run",
+        file=sys.stderr,
+    )
+    return fallback
 
 
 class SaveConfigOnStart(SaveConfigCallback):
@@ -213,8 +310,10 @@ class SaveConfigOnStart(SaveConfigCallback):
 class SsambaCLI(LightningCLI):
     """LightningCLI without subcommands, plus `--ckpt_path` and argument links.
 
-    `links` are `(source, target)` pairs such as `("data.target_length",
-    "model.input_frames")`, so a value that two classes must agree on is written once.
+    `links` are `(source, target)` pairs such as `("data.multi_label", "model.multilabel")`,
+    or `(sources, target, compute_fn)` triples computing the target from several values
+    (the model's input length from `data.features` and the shard folder), so a value that
+    two classes must agree on is written once.
     """
 
     def __init__(
@@ -225,7 +324,7 @@ class SsambaCLI(LightningCLI):
         *,
         prog: str,
         description: str,
-        links: Iterable[tuple[str, str]] = (),
+        links: Iterable[Link] = (),
         exit_on_error: bool = True,
         default_root: str | None = None,
     ) -> None:
@@ -287,8 +386,17 @@ class SsambaCLI(LightningCLI):
                 "is none yet), or give a .ckpt path."
             ),
         )
-        for source, target in self._links:
-            parser.link_arguments(source, target)
+        for source, target, *compute in self._links:
+            parser.link_arguments(source, target, *compute)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The recipe's Trainer, saving checkpoints with `AtomicCheckpointIO` unless the
+        recipe names a CheckpointIO plugin of its own."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{"plugins": plugins, **kwargs})
 
     def before_instantiate_classes(self) -> None:
         self._keep_files_out_of_the_current_directory()
@@ -297,6 +405,8 @@ class SsambaCLI(LightningCLI):
             self._resume_in_last_version()
         elif ckpt_path is not None and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: {ckpt_path} does not exist")
+        elif ckpt_path is not None and (damage := checkpoint_damage(ckpt_path)) is not None:
+            raise ValueError(f"--ckpt_path: {ckpt_path} is damaged ({damage})")
 
     def _keep_files_out_of_the_current_directory(self) -> None:
         """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
@@ -318,7 +428,8 @@ class SsambaCLI(LightningCLI):
                 "(the run folder to search); pass a checkpoint path instead"
             )
         run_root = Path(str(init.save_dir)) / str(init.get("name") or "lightning_logs")
-        last = find_last_checkpoint(run_root)
+        dumped = self.parser.dump(self.config, skip_none=False, skip_validation=True)
+        last = find_last_checkpoint(run_root, yaml.safe_load(dumped))
         if last is None:
             print(
                 f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root} yet; "
@@ -328,7 +439,7 @@ class SsambaCLI(LightningCLI):
             self.config.ckpt_path = None
             return
         init.version = last.parent.parent.name
-        self.config.ckpt_path = str(last)
+        self.config.ckpt_path = str(intact_or_fallback(last))
 
 
 class SetupError(ValueError):
@@ -357,7 +468,7 @@ def build_cli(
     *,
     prog: str,
     description: str,
-    links: Iterable[tuple[str, str]] = (),
+    links: Iterable[Link] = (),
     default_root: str | None = None,
 ) -> SsambaCLI:
     """Parse a recipe and build task + data + trainer. Errors raised while parsing and

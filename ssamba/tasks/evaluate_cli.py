@@ -16,7 +16,7 @@ score: shards, fold, target_length, batch_size, ...) and the trainer's device op
 (`--trainer.accelerator`, `devices`, `strategy`, `num_nodes`, `precision`,
 `limit_test_batches`). The `--model.*` settings come from the checkpoint, and the
 Trainer's training options (max_epochs, callbacks, logger, ...) are read with the recipe
-but unused. A `--data.target_length` other than the checkpoint's input length is scored
+but unused. A `--data.features.target_length` other than the checkpoint's input length is scored
 (the position embedding is resized) with a warning: the numbers are then not those of
 the trained model.
 """
@@ -85,13 +85,13 @@ class EvaluateCLI(ClassifyCLI):
             )
         super().before_instantiate_classes()
         trained = trained_input_frames(self.config.ckpt)
-        asked = self.config.data.get("target_length")
+        asked = self.config.model.get("input_frames")  # data.features.target_length, resolved
         if trained is not None and asked is not None and asked != trained:
             print(
-                f"{PROG}: warning: --data.target_length {asked} differs from the {trained} "
-                f"frames {self.config.ckpt} was trained on; its position embedding is "
-                f"resized, so the scores are not those of the trained model (pass "
-                f"--data.target_length {trained} to score it as trained)",
+                f"{PROG}: warning: --data.features.target_length {asked} differs from the "
+                f"{trained} frames {self.config.ckpt} was trained on; its position embedding "
+                f"is resized, so the scores are not those of the trained model (pass "
+                f"--data.features.target_length {trained} to score it as trained)",
                 file=sys.stderr,
             )
         self.config.model.init = self.config.ckpt

@@ -25,7 +25,8 @@ process trains on its own batches, every validation and test clip is scored once
 all of them and the metrics are gathered, so the test result equals one process's
 evaluation of the same checkpoint; only rank 0 writes results and encoder files.
 
-Every run gets a folder of its own, `<trainer.default_root_dir>/run-<N>/`, whose
+Every run gets a folder of its own, `<trainer.default_root_dir>/run-<N>/` (N is the
+number of its logs' `version_<N>` folder, from 0; a resume keeps its old one), whose
 `results.json` holds the task, metric, per-fold test values, mean, std (ddof=1), how the
 checkpoint was selected, the checkpoints tested, the clips per subset and the config hash;
 `<trainer.default_root_dir>/index.jsonl` gets one line per run, so no run is ever lost.
@@ -47,6 +48,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ssamba.data.labelled import LabelledDataModule
 from ssamba.data.loader import rank_batches
+from ssamba.data.transforms import linked_input_frames
+from ssamba.features import FeatureConfig
+from ssamba.files import atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
 from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.classify import ClassifyTask
@@ -91,7 +95,7 @@ class ClassifyCLI(SsambaCLI):
             prog=prog,
             description=DESCRIPTION if description is None else description,
             links=[
-                ("data.target_length", "model.input_frames"),
+                (("data.features", "data.shards"), "model.input_frames", linked_input_frames),
                 ("data.multi_label", "model.multilabel"),
             ],
             exit_on_error=False,
@@ -145,11 +149,37 @@ def config_hash(cli: LightningCLI, config: Namespace | None = None) -> str:
     return hashlib.sha256(dumped.encode()).hexdigest()[:12]
 
 
-def new_run_folder(root: Path) -> Path:
-    """`root/run-<N>` with the next free N, created here (so two runs never share one)."""
+def _numbers(folder: Path, prefix: str) -> list[int]:
+    return [
+        int(p.name[len(prefix) :])
+        for p in folder.glob(f"{prefix}*")
+        if p.name[len(prefix) :].isdigit()
+    ]
+
+
+def next_run_number(root: Path, log_roots: list[Path]) -> int:
+    """The first N free both as `root/run-N` and as `version_N` in every log folder, so
+    a run's results folder and its Lightning logs carry the same number (0 for the first)."""
+    taken = _numbers(root, "run-") + [n for log in log_roots for n in _numbers(log, "version_")]
+    return max(taken, default=-1) + 1
+
+
+def log_root(config: Namespace) -> Path | None:
+    """The folder holding a run's `version_N` folders (logger save_dir/name); None without."""
+    logger = config["trainer"].get("logger")
+    init = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init is None or init.get("save_dir") is None:
+        return None
+    return Path(str(init["save_dir"])) / str(init.get("name") or "lightning_logs")
+
+
+def new_run_folder(root: Path, number: int | None = None) -> Path:
+    """`root/run-<number>` (default: one past the highest taken), or the next free number
+    when another run took it meanwhile; created here (so two runs never share one)."""
     root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
-    number = max(taken, default=0) + 1
+    if number is None:
+        taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
+        number = max(taken, default=0) + 1
     while True:
         folder = root / f"run-{number}"
         try:
@@ -160,10 +190,7 @@ def new_run_folder(root: Path) -> Path:
 
 
 def write_results(results: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_NAME
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+    return atomic_write_text(directory / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
 
 
 def append_index(root: Path, results: dict[str, Any], path: Path) -> None:
@@ -230,10 +257,25 @@ def fold_configs(config: Namespace, root: Path) -> dict[str, Namespace]:
     return configs
 
 
+def number_the_run(configs: dict[str, Namespace], root: Path) -> int:
+    """Pick the run's number and log every fold that starts afresh under `version_<it>`
+    (a `--ckpt_path last` resume keeps its own version folder); returns the number."""
+    roots = [r for r in map(log_root, configs.values()) if r is not None]
+    number = next_run_number(root, roots)
+    for config in configs.values():
+        logger = config["trainer"].get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is not None and init.get("version") is None:  # unless the user named one
+            init["version"] = number
+    return number
+
+
 def check_data(config: Namespace) -> dict[str, int]:
     """Build only the data of a run and split it: a bad fold fails before any training."""
+    data = config["data"].as_dict()
     try:
-        return LabelledDataModule(**config["data"].as_dict()).split_clips()
+        data["features"] = FeatureConfig(**(data.get("features") or {}))
+        return LabelledDataModule(**data).split_clips()
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise RecipeError(one_line(str(error))) from error
 
@@ -346,6 +388,7 @@ def finetune(argv: list[str] | None = None) -> RunResult:
     root = Path(config["trainer"]["default_root_dir"] or ".")
     name = task_name(config)
     folds = fold_configs(config, root)
+    number = number_the_run(folds, root)
     if len(folds) > 1:  # a fold whose data or settings are wrong fails before fold 1 trains
         for fold_config in folds.values():
             check_data(fold_config)
@@ -376,7 +419,7 @@ def finetune(argv: list[str] | None = None) -> RunResult:
     metrics = records[fold]["metrics"] | {"mean": results["mean"], "std": results["std"]}
     if not cli.trainer.is_global_zero:  # one results file per run, not per process
         return RunResult(cli.model, metrics, {}, results)
-    path = write_results(results, new_run_folder(root))
+    path = write_results(results, new_run_folder(root, number))
     append_index(root, results, path)
     files = {"results": str(path.resolve())}
     files |= {

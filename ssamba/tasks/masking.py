@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
@@ -235,7 +235,6 @@ def make_mask(
     device: torch.device | str | None = None,
     *,
     masking: MaskingKind = "uniform",
-    clip_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block masks for patch models (of the given kind), random masks for frame models.
 
@@ -246,12 +245,6 @@ def make_mask(
     generator: one generator for the whole batch, or one per clip (a sequence of length
         `batch`): row i is then drawn from generator i alone, so a clip keyed by its own
         generator gets the same mask whatever batch, position or rank it comes in.
-    clip_columns: (batch,) long, how many leading time columns hold the clip's own frames
-        (`AudioEncoder.clip_columns`; the rest is padding). The clip's own patches then get
-        their share of `n_masked` (n_masked * own / num_patches, rounded, at least 1), drawn
-        with the same rule on that part of the grid, and the rest of the budget falls
-        uniformly on the padding, which the losses leave out: every clip's content is
-        masked at the recipe's ratio however short the clip, and blocks stay inside it.
     Returns: (batch, grid[0] * grid[1]) bool, exactly `n_masked` True per row.
     """
     if masking not in get_args(MaskingKind):
@@ -260,66 +253,13 @@ def make_mask(
         generators = list(generator)
         if len(generators) != batch:
             raise ValueError(f"{len(generators)} generators for a batch of {batch} clips")
-        rows = [
-            make_mask(
-                1,
-                grid,
-                n_masked,
-                cluster_sizes,
-                g,
-                masking=masking,
-                clip_columns=None if clip_columns is None else clip_columns[i : i + 1],
-            )
-            for i, g in enumerate(generators)
-        ]
+        rows = [make_mask(1, grid, n_masked, cluster_sizes, g, masking=masking) for g in generators]
         mask = torch.cat(rows) if rows else torch.zeros(0, grid[0] * grid[1], dtype=torch.bool)
         return mask.to(device) if device is not None else mask
     if grid[0] == 1:
-        kind = "random"
-
-        def draw(rows: int, sub_grid: tuple[int, int], count: int) -> torch.Tensor:
-            return random_mask(rows, sub_grid[1], count, generator=generator)
+        mask = random_mask(batch, grid[1], n_masked, generator=generator)
+    elif masking == "original":
+        mask = original_cluster_mask(batch, grid, n_masked, cluster_sizes, generator=generator)
     else:
-        kind = masking
-        block_mask = original_cluster_mask if masking == "original" else cluster_mask
-
-        def draw(rows: int, sub_grid: tuple[int, int], count: int) -> torch.Tensor:
-            return block_mask(rows, sub_grid, count, cluster_sizes, generator=generator)
-
-    if clip_columns is None:
-        mask = draw(batch, grid, n_masked)
-    else:
-        mask = _content_first(grid, n_masked, clip_columns.cpu(), draw, kind, generator)
+        mask = cluster_mask(batch, grid, n_masked, cluster_sizes, generator=generator)
     return mask.to(device) if device is not None else mask
-
-
-def _content_first(
-    grid: tuple[int, int],
-    n_masked: int,
-    clip_columns: torch.Tensor,
-    draw: Callable[[int, tuple[int, int], int], torch.Tensor],
-    kind: str,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """`n_masked` per clip: the clip's share drawn by `draw` on its own columns, the rest
-    uniformly on its padding (see `make_mask`). Clips with the same number of columns are
-    drawn together. The original rule masks at most all but two patches of a grid.
-    """
-    grid_f, grid_t = grid
-    (_check_original_count if kind == "original" else _check_count)(n_masked, grid_f * grid_t)
-    columns = clip_columns.clamp(1, grid_t)
-    mask = torch.zeros(len(columns), grid_f, grid_t, dtype=torch.bool)
-    for cols in columns.unique().tolist():
-        rows = (columns == cols).nonzero().flatten()
-        own = grid_f * cols
-        share = max(1, round(n_masked * cols / grid_t))
-        inside = min(share, own - 2 if kind == "original" else own)
-        if inside > 0:
-            mask[rows, :, :cols] = draw(len(rows), (grid_f, cols), inside).view(-1, grid_f, cols)
-        rest = n_masked - inside
-        if rest > 0:  # what the clip cannot hold, uniformly over its padding
-            scores = torch.rand(len(rows), grid_f * (grid_t - cols), generator=generator)
-            padding = torch.zeros_like(scores, dtype=torch.bool)
-            padding.scatter_(1, scores.argsort(dim=1)[:, :rest], True)
-            mask[rows, :, cols:] = padding.view(-1, grid_f, grid_t - cols)
-    return mask.view(len(columns), -1)

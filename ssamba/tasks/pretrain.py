@@ -6,30 +6,33 @@ and the encoder must, at every masked position,
   InfoNCE through `cpredlayer`), and
 - regress the raw patch values (generative, MSE through `gpredlayer`).
 The joint loss is `nce_weight * nce + mse_weight * mse` (1 and 10 in the originals), each
-term from its own forward pass with its own mask, as the originals do; `single_pass`
-computes both on one pass (half the compute, not what the released models saw).
+term from its own forward pass with its own mask, as the originals do.
 
-Faithful defaults, documented options (docs/originals.md#mspm):
+Settings: `model.objective` is an `MSPMConfig` (the default) or an `EATConfig`. Faithful
+defaults, documented options (docs/originals.md#mspm):
 - `nce_axis="original"`: `log_softmax(targets @ preds.T, dim=-1)`, a softmax over the
   predictions, which the released code uses; `"paper"` is equation 1 of the SSAST paper
   (softmax over the candidate targets). ssast#13 discusses the difference.
-- raw dot products (`temperature=1`), targets are the normalised input patches, detached.
+- raw dot products (`temperature=1`), targets are the normalised input patches, detached
+  (with `data.augment.clean_targets`, those of the batch's un-noised `clean` filterbank,
+  while the encoder reads the augmented `fbank`; the teacher-student teacher too).
 - `masking="original"` draws masks as the released code does (biased towards the middle
   frequency rows, patch 0 never masked); `"uniform"` masks every row equally.
 - `val/acc` is the originals' "masked acc": softmax of `targets @ preds.T` over the
   predictions, then for each prediction, is the target with the highest probability its
   own patch. `val/acc_raw` takes the argmax of the raw scores instead.
 
-`objective="eat"` swaps MSPM for the teacher-student objective of data2vec 2.0 / EAT
-(`ssamba.tasks.objectives.eat`, settings in `model.eat`): an EMA teacher encodes the whole
+An `EATConfig` objective swaps MSPM for the teacher-student objective of data2vec 2.0 /
+EAT (`ssamba.tasks.objectives.eat`): an EMA teacher encodes the whole
 clip, the student regresses the teacher's averaged top-layer features at the masked
 patches of several inverse-block-masked copies, plus a cls-token utterance loss. The
 teacher is part of the module (`eat.teacher.*`), so checkpoints carry it; the student
 `encoder` is what is exported.
 
-Learning rate (`ssamba.tasks.schedules`): warm-up over `warmup_steps` (linear, or the
-originals' staircase), then `plateau` (halve when the validation masked accuracy has not
-improved for `plateau_patience` evaluations, as the originals' ReduceLROnPlateau) or
+Learning rate (`model.schedule`, a `ScheduleConfig`; `ssamba.tasks.schedules`): warm-up
+over `warmup_steps` (linear, or the originals' staircase), then `plateau` (halve when the
+validation masked accuracy has not improved for `plateau_patience` evaluations, as the
+originals' ReduceLROnPlateau, which counts the evaluations inside the warm-up too) or
 `cosine` to `min_lr` at `trainer.max_steps`.
 """
 
@@ -54,7 +57,7 @@ from ssamba.tasks.masking import MaskingKind, make_mask, mask_generator
 from ssamba.tasks.objectives.eat import EATConfig, EATObjective
 from ssamba.tasks.schedules import PlateauScale, Warmup, apply_lr, lr_factor
 
-__all__ = ["PretrainTask", "info_nce", "no_weight_decay"]
+__all__ = ["MSPMConfig", "PretrainTask", "ScheduleConfig", "info_nce", "no_weight_decay"]
 
 # The originals validate with 400 of 512 masked patches whatever they train with.
 VAL_MASK_FRACTION = 400 / 512
@@ -63,6 +66,7 @@ VAL_SUMS = {
     "mspm": ("loss", "nce", "mse", "acc", "acc_raw", "clips"),
     "eat": ("loss", "frame", "utterance", "clips"),
 }
+NCE_AXES = ("original", "paper")
 # Parameters that weight decay would only pull towards zero for no benefit: position and
 # special tokens, the SSM's log-decay rates and skip gains.
 NO_DECAY_NAMES = {
@@ -82,14 +86,12 @@ def info_nce(
     targets: Tensor,
     axis: Literal["original", "paper"],
     temperature: float = 1.0,
-    counted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Within-clip InfoNCE between predictions and targets at the masked positions.
 
     preds, targets: (batch, masked, patch_dim); negatives are the clip's other masked
-    patches. `counted` (batch, masked) bool: only these take part (as positives and as
-    negatives; padding left out), losses and accuracies averaged over them. Returns
-    scalars (loss, accuracy, raw accuracy):
+    patches. Returns scalars (loss, accuracy, raw accuracy), averaged over every masked
+    patch:
     - accuracy, the originals' masked accuracy: scores `targets @ preds.T` (rows targets,
       columns predictions), softmax over each row, then for each prediction (column) the
       target of highest probability must be its own;
@@ -97,32 +99,89 @@ def info_nce(
     """
     with torch.autocast(preds.device.type, enabled=False):
         scores = targets.float() @ preds.float().transpose(1, 2) / temperature  # (B, M, M) [t, p]
-        if counted is not None:  # a finite floor, so left-out rows stay finite (no NaN grads)
-            pair = counted[:, :, None] & counted[:, None, :]
-            scores = scores.masked_fill(~pair, -1e9)
         log_probs = F.log_softmax(scores, dim=-1 if axis == "original" else 1)
         own = torch.arange(scores.shape[1], device=scores.device)
-        probs = scores.softmax(dim=-1)
-        if counted is not None:  # a left-out target row must not win a prediction's column
-            probs = probs * counted[:, :, None]
-        terms = torch.stack(
-            [
-                -log_probs.diagonal(dim1=1, dim2=2),
-                (probs.argmax(dim=1) == own).float(),
-                (scores.argmax(dim=1) == own).float(),
-            ]
-        )  # (3, B, M)
-        if counted is None:
-            loss, accuracy, raw_accuracy = terms.mean(dim=(1, 2))
-        else:
-            weight = counted.float()
-            loss, accuracy, raw_accuracy = (terms * weight).sum(dim=(1, 2)) / weight.sum()
+        loss = -log_probs.diagonal(dim1=1, dim2=2).mean()
+        accuracy = (scores.softmax(dim=-1).argmax(dim=1) == own).float().mean()
+        raw_accuracy = (scores.argmax(dim=1) == own).float().mean()
     return loss, accuracy, raw_accuracy
 
 
 def no_weight_decay(name: str, param: Tensor) -> bool:
     """Norm weights, biases, position/special tokens and SSM rates are not decayed."""
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+
+
+@dataclass(frozen=True)
+class MSPMConfig:
+    """Settings of masked spectrogram patch modelling (`model.objective` of a recipe).
+
+    n_masked: patches masked per clip in training (400 of 512 in the originals).
+    n_masked_val: patches masked in validation; None: 400/512 of the patches, as the
+        originals validate whatever they train with.
+    masking: "original" reproduces the released code's mask distribution (rows near the
+        middle masked most, patch 0 never); "uniform" masks every frequency row equally.
+        Frame models always sample uniformly.
+    cluster_sizes: block sizes drawn per clip (the originals: 3, 4, 5).
+    nce_weight, mse_weight: the joint loss' weights (the originals: 1 and 10).
+    nce_axis: "original" (softmax over the predictions, the released code) or "paper"
+        (SSAST's equation 1, over the candidate targets).
+    temperature: divides the InfoNCE scores (the originals: 1, raw dot products).
+    """
+
+    n_masked: int = 400
+    n_masked_val: int | None = None
+    masking: MaskingKind = "uniform"
+    cluster_sizes: tuple[int, ...] = (3, 4, 5)
+    nce_weight: float = 1.0
+    mse_weight: float = 10.0
+    nce_axis: Literal["original", "paper"] = "original"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"model.objective.temperature={self.temperature} must be > 0")
+        if self.nce_axis not in NCE_AXES:
+            raise ValueError(f"model.objective.nce_axis={self.nce_axis!r}: choose {NCE_AXES}")
+        object.__setattr__(self, "cluster_sizes", tuple(self.cluster_sizes))  # YAML lists
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning-rate shape of a pretraining run (`model.schedule`), a multiple of `lr`.
+
+    kind: after the warm-up, "plateau" (halve by `plateau_factor` when the validation
+        masked accuracy has not improved for `plateau_patience` evaluations, the
+        originals' ReduceLROnPlateau) or "cosine" (to `min_lr` at `trainer.max_steps`).
+    warmup_steps, warmup: warm-up length and shape, "linear" or the originals'
+        "staircase" (raised every 50 steps, exactly 0 for the first 50).
+    """
+
+    kind: Literal["plateau", "cosine"] = "plateau"
+    warmup_steps: int = 1000
+    warmup: Warmup = "linear"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("plateau", "cosine"):
+            raise ValueError(f"model.schedule.kind={self.kind!r}: choose plateau or cosine")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_MSPM = MSPMConfig()
+DEFAULT_SCHEDULE = ScheduleConfig()
+
+
+def objective_name(objective: MSPMConfig | EATConfig) -> Literal["mspm", "eat"]:
+    """Which objective a config selects, "mspm" or "eat" (logs, provenance, metrics)."""
+    return "eat" if isinstance(objective, EATConfig) else "mspm"
 
 
 @dataclass
@@ -139,40 +198,24 @@ class MSPMOutput:
 
 
 class PretrainTask(LightningModule):
-    """SSAST/SSAMBA masked spectrogram patch modelling around any `AudioEncoder`.
+    """Self-supervised pretraining (MSPM or teacher-student) around any `AudioEncoder`.
 
-    Batches: `{"fbank": (batch, frames, mel_bins), "frames": (batch,) long, "id": [...]}`
-    (`frames`, each clip's own frame count, is read with `ignore_padding` only).
-    Parameter names: `encoder.*` (exported at the end of fit), `cpredlayer.*` and
-    `gpredlayer.*` as in the original checkpoints.
+    Batches: `{"fbank": (batch, frames, mel_bins), "id": [...], ...}`.
+    Parameter names: `encoder.*` (exported at the end of fit); MSPM's `cpredlayer.*` and
+    `gpredlayer.*` as in the original checkpoints; the teacher-student objective's
+    `eat.*` (its EMA teacher and decoder).
     """
 
     def __init__(
         self,
         encoder: EncoderConfig,
         input_frames: int | None = None,
-        objective: Literal["mspm", "eat"] = "mspm",
-        eat: EATConfig | None = None,
-        n_masked: int = 400,
-        n_masked_val: int | None = None,
-        masking: MaskingKind = "uniform",
-        cluster_sizes: tuple[int, ...] = (3, 4, 5),
-        nce_weight: float = 1.0,
-        mse_weight: float = 10.0,
-        nce_axis: Literal["original", "paper"] = "original",
-        temperature: float = 1.0,
-        single_pass: bool = False,
-        ignore_padding: bool = False,
+        objective: MSPMConfig | EATConfig = DEFAULT_MSPM,
         optimizer: Literal["adamw", "adam"] = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 5e-8,
         betas: tuple[float, float] = (0.95, 0.999),
-        warmup_steps: int = 1000,
-        warmup: Warmup = "linear",
-        schedule: Literal["plateau", "cosine"] = "plateau",
-        plateau_factor: float = 0.5,
-        plateau_patience: int = 2,
-        min_lr: float = 0.0,
+        schedule: ScheduleConfig = DEFAULT_SCHEDULE,
         image_every_n_steps: int = 0,
         seed: int = 0,
     ) -> None:
@@ -181,24 +224,15 @@ class PretrainTask(LightningModule):
             encoder: the encoder's configuration, inline or a YAML piece such as
                 `recipes/model/ssamba_tiny.yaml`; `--model.encoder.depth 2` overrides one
                 field of it. Fields left null take the family's published values.
-            input_frames: frames per clip; recipes link it to the data's crop length.
-            objective: "mspm" (SSAST/SSAMBA, the default) or "eat" (EMA teacher-student,
-                data2vec 2.0 / EAT; the MSPM settings below are then unused).
-            eat: the teacher-student settings (`EATConfig`); None: its defaults.
-            n_masked: patches masked per clip in training (400 of 512 in the originals).
-            n_masked_val: patches masked in validation; default 400/512 of the patches.
-            masking: "original" reproduces the released code's mask distribution (rows
-                near the middle masked most, patch 0 never); "uniform" masks every
-                frequency row equally. Frame models always sample uniformly.
-            cluster_sizes: block sizes drawn per clip (the originals: 3, 4, 5).
-            ignore_padding: keep the patches past a clip's own frames (the padding of clips
-                shorter than the window) out of the objective: MSPM masks each clip's
-                content at the recipe's ratio and leaves masked padding out of both losses;
-                the teacher-student objective leaves it out of its frame loss and its
-                utterance target. False (the originals): padding is input like any sound.
+            input_frames: frames per clip; `ssamba pretrain` takes it from the data's
+                feature settings (`data.features.target_length`).
+            objective: `MSPMConfig` (SSAST/SSAMBA, the default) or `EATConfig` (EMA
+                teacher-student, data2vec 2.0 / EAT). A recipe selects the latter with
+                `objective: {class_path: EATConfig, init_args: {...}}`.
             optimizer: "adamw" (SSAMBA: decoupled decay 5e-8) or "adam" (SSAST: L2 decay
                 5e-7); norms, biases, tokens and SSM rates are never decayed.
-            warmup: "linear", or "staircase" as the originals (lr exactly 0 for 50 steps).
+            lr, weight_decay, betas: the optimiser's peak rate and settings.
+            schedule: warm-up and decay of the rate (`ScheduleConfig`).
             image_every_n_steps: log input / mask / reconstruction to TensorBoard (0: never).
             seed: training masks are drawn from (seed, rank, step, micro-batch), validation
                 masks from (seed, clip id): runs and resumes repeat them, every micro-batch
@@ -209,32 +243,33 @@ class PretrainTask(LightningModule):
         if input_frames is not None:
             encoder = replace(encoder, input_frames=input_frames)
         self.encoder = AudioEncoder(encoder)
+        self.objective = objective
+        self.schedule = schedule
+        self.kind = objective_name(objective)
         num_patches, dim = self.encoder.num_patches, self.encoder.embed_dim
-        n_masked_val = n_masked_val or max(1, round(VAL_MASK_FRACTION * num_patches))
-        for key, value in (("n_masked", n_masked), ("n_masked_val", n_masked_val)):
-            if objective == "mspm" and not 0 < value <= num_patches:
-                raise ValueError(
-                    f"model.{key}={value}: the encoder has only {num_patches} patches "
-                    f"(grid {tuple(self.encoder.grid)}); choose 1..{num_patches}"
-                )
-        if temperature <= 0:
-            raise ValueError(f"model.temperature={temperature} must be > 0")
-        if objective not in VAL_SUMS:
-            raise ValueError(f"model.objective={objective!r}: choose mspm or eat")
+        if isinstance(objective, MSPMConfig):
+            if objective.n_masked_val is None:
+                n_masked_val = max(1, round(VAL_MASK_FRACTION * num_patches))
+                objective = self.objective = replace(objective, n_masked_val=n_masked_val)
+            for key in ("n_masked", "n_masked_val"):
+                value = getattr(objective, key)
+                if not 0 < value <= num_patches:
+                    raise ValueError(
+                        f"model.objective.{key}={value}: the encoder has only {num_patches} "
+                        f"patches (grid {tuple(self.encoder.grid)}); choose 1..{num_patches}"
+                    )
         self.save_hyperparameters()
         # Plain data only, so checkpoints load with weights_only=True.
         self.hparams.encoder = encoder.to_dict()
-        self.hparams.n_masked_val = n_masked_val
-        if objective == "eat":
-            eat = eat or EATConfig()
-            self.hparams.eat = eat.to_dict()
-            self.eat = EATObjective(self.encoder, eat)
+        self.hparams.objective = {"kind": self.kind, **objective.to_dict()}
+        self.hparams.schedule = schedule.to_dict()
+        if isinstance(objective, EATConfig):
+            self.eat = EATObjective(self.encoder, objective)
         else:  # only the objective's own heads: DDP refuses parameters no loss reaches
-            self.hparams.eat = None
             self.cpredlayer = self._head(dim, self.encoder.patch_dim)
             self.gpredlayer = self._head(dim, self.encoder.patch_dim)
-        self.plateau = PlateauScale(plateau_factor, plateau_patience)
-        self._val_names = VAL_SUMS[objective]
+        self.plateau = PlateauScale(schedule.plateau_factor, schedule.plateau_patience)
+        self._val_names = VAL_SUMS[self.kind]
         self._val_sums = torch.zeros(len(self._val_names))  # summed over the validation epoch
 
     @staticmethod
@@ -253,55 +288,43 @@ class PretrainTask(LightningModule):
         fbank: Tensor,
         n_masked: int,
         generator: torch.Generator | Sequence[torch.Generator],
-        own: Tensor | None = None,
+        clean: Tensor | None = None,
     ) -> MSPMOutput:
         """Joint discriminative + generative loss on one batch; fbank: (B, T, F).
 
-        own: (B, Np) bool, the clips' own patches (`clip_patches`): the masks then give
-        each clip's content its share of `n_masked` and the losses leave padding out.
+        clean: (B, T, F), the same clips before augmentation (`data.augment.clean_targets`):
+        the targets are its patches while the encoder reads `fbank`. None: `fbank`'s own.
         """
-        hp = self.hparams
+        cfg = self.objective
+        assert isinstance(cfg, MSPMConfig)
         batch = fbank.shape[0]
-        targets = self.encoder.unfold_patches(fbank).detach()  # (B, Np, patch_dim)
-        grid_f, grid_t = self.encoder.grid
-        # the clip's own time columns: the leading ones (`AudioEncoder.clip_columns`)
-        columns = None if own is None else own.view(batch, grid_f, grid_t)[:, 0].sum(1)
+        source = fbank if clean is None else clean
+        targets = self.encoder.unfold_patches(source).detach()  # (B, Np, patch_dim)
 
         def draw() -> Tensor:
             return make_mask(
                 batch,
                 self.encoder.grid,
                 n_masked,
-                hp.cluster_sizes,
+                cfg.cluster_sizes,
                 generator,
                 fbank.device,
-                masking=hp.masking,
-                clip_columns=columns,
+                masking=cfg.masking,
             )
 
         def at(mask: Tensor, values: Tensor) -> Tensor:
             return values[mask].view(batch, n_masked, *values.shape[2:])
 
+        # Two passes with independent masks, one per loss, as the originals.
         mask = draw()
         hidden = self.masked_hidden(fbank, mask)
         nce, accuracy, raw_accuracy = info_nce(
-            self.cpredlayer(hidden),
-            at(mask, targets),
-            hp.nce_axis,
-            hp.temperature,
-            None if own is None else at(mask, own),
+            self.cpredlayer(hidden), at(mask, targets), cfg.nce_axis, cfg.temperature
         )
-        if not hp.single_pass:
-            mask = draw()
-            hidden = self.masked_hidden(fbank, mask)
-        reconstruction = self.gpredlayer(hidden)
-        errors = (reconstruction.float() - at(mask, targets).float()).square().mean(dim=-1)
-        if own is None:
-            mse = errors.mean()
-        else:
-            counted = at(mask, own).float()
-            mse = (errors * counted).sum() / counted.sum()
-        loss = hp.nce_weight * nce + hp.mse_weight * mse
+        mask = draw()
+        reconstruction = self.gpredlayer(self.masked_hidden(fbank, mask))
+        mse = (reconstruction.float() - at(mask, targets).float()).square().mean()
+        loss = cfg.nce_weight * nce + cfg.mse_weight * mse
         return MSPMOutput(
             loss, nce, mse, accuracy, raw_accuracy, mask[0], reconstruction[0].detach()
         )
@@ -321,57 +344,35 @@ class PretrainTask(LightningModule):
         apply_lr(self.trainer.optimizers, self.lr_factor(self.global_step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        fbank = batch["fbank"]
-        if self.hparams.objective == "eat":
-            return self._eat_step(batch, batch_idx)
-        out = self.mspm(
-            fbank, self.hparams.n_masked, self._train_generator(batch_idx), self.clip_patches(batch)
-        )
+        fbank, clean = batch["fbank"], batch.get("clean")
         size = fbank.shape[0]
+        self.log("train/lr", self.hparams.lr * self.lr_factor(self.global_step), batch_size=size)
+        skipped = getattr(self.trainer.datamodule, "skipped", None)
+        if callable(skipped):  # corrupt clips the data module dropped and counted
+            self.log("data/skipped", float(sum(skipped().values())), batch_size=size)
+        if isinstance(self.objective, EATConfig):
+            out = self.eat(self.encoder, fbank, self._train_generator(batch_idx), clean)
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+            self.log("train/frame", out.frame, batch_size=size)
+            self.log("train/utterance", out.utterance, batch_size=size)
+            self.log("train/ema_decay", self._ema_decay, batch_size=size)
+            return out.loss
+        out = self.mspm(fbank, self.objective.n_masked, self._train_generator(batch_idx), clean)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/nce", out.nce, batch_size=size)
         self.log("train/mse", out.mse, batch_size=size)
         self.log("train/acc", out.accuracy, prog_bar=True, batch_size=size)
         self.log("train/acc_raw", out.raw_accuracy, batch_size=size)
-        self.log("train/lr", self.hparams.lr * self.lr_factor(self.global_step), batch_size=size)
-        skipped = getattr(self.trainer.datamodule, "skipped", None)
-        if callable(skipped):  # corrupt clips the data module dropped and counted
-            self.log("data/skipped", float(sum(skipped().values())), batch_size=size)
         every = self.hparams.image_every_n_steps
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             self._log_picture(fbank[0].detach(), out)
-        return out.loss
-
-    def clip_patches(self, batch: dict[str, Any]) -> Tensor | None:
-        """(B, Np) bool of the clips' own patches with `ignore_padding`, else None."""
-        if not self.hparams.ignore_padding:
-            return None
-        if "frames" not in batch:
-            raise ValueError(
-                "model.ignore_padding needs batches with 'frames' (each clip's own frame "
-                "count), which ssamba's data modules give; this batch has "
-                f"{sorted(batch)}"
-            )
-        return self.encoder.clip_patches(batch["frames"])
-
-    def _eat_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        fbank = batch["fbank"]
-        out = self.eat(
-            self.encoder, fbank, self._train_generator(batch_idx), self.clip_patches(batch)
-        )
-        size = fbank.shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log("train/frame", out.frame, batch_size=size)
-        self.log("train/utterance", out.utterance, batch_size=size)
-        self.log("train/lr", self.hparams.lr * self.lr_factor(self.global_step), batch_size=size)
-        self.log("train/ema_decay", self._ema_decay, batch_size=size)
         return out.loss
 
     _ema_decay = 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """The teacher follows the student once per optimizer step (after it)."""
-        if self.hparams.objective != "eat":
+        if not isinstance(self.objective, EATConfig):
             return
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self._ema_decay = self.eat.update_teacher(self.encoder, self.global_step)
@@ -382,31 +383,17 @@ class PretrainTask(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         fbank = batch["fbank"]
         clips = fbank.shape[0]
-        if self.hparams.objective == "eat":
-            out = self.eat(
-                self.encoder, fbank, self._val_generators(batch["id"]), self.clip_patches(batch)
-            )
+        # The same masks at every evaluation, so the metrics are comparable across steps.
+        generators = self._val_generators(batch["id"])
+        if isinstance(self.objective, EATConfig):
+            out = self.eat(self.encoder, fbank, generators)
             values = [out.loss, out.frame, out.utterance]
-            self._val_sums += torch.stack(
-                [v.detach() * clips for v in values] + [out.loss.new_tensor(clips)]
-            )
-            return
-        # The same masks at every evaluation, so accuracies are comparable across steps.
-        out = self.mspm(
-            fbank,
-            self.hparams.n_masked_val,
-            self._val_generators(batch["id"]),
-            self.clip_patches(batch),
-        )
+        else:
+            assert self.objective.n_masked_val is not None  # set in __init__
+            mspm = self.mspm(fbank, self.objective.n_masked_val, generators)
+            values = [mspm.loss, mspm.nce, mspm.mse, mspm.accuracy, mspm.raw_accuracy]
         self._val_sums += torch.stack(
-            [
-                out.loss.detach() * clips,
-                out.nce.detach() * clips,
-                out.mse.detach() * clips,
-                out.accuracy.detach() * clips,
-                out.raw_accuracy.detach() * clips,
-                out.loss.new_tensor(clips),
-            ]
+            [v.detach() * clips for v in values] + [values[0].new_tensor(clips)]
         )
 
     def on_validation_epoch_end(self) -> None:
@@ -423,9 +410,9 @@ class PretrainTask(LightningModule):
         # Every clip has n_masked_val predictions, so the clip mean is the masked accuracy.
         if "acc" in means:
             self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
-        # Like the originals, the plateau schedule reacts to each evaluation after warm-up
-        # (to the masked accuracy; the teacher-student objective has its loss instead).
-        if not self.trainer.sanity_checking and self.global_step >= self.hparams.warmup_steps:
+        # Like the originals' ReduceLROnPlateau, every evaluation counts, those inside the
+        # warm-up too (the masked accuracy; the teacher-student objective has its loss).
+        if not self.trainer.sanity_checking:
             self.plateau.step(means["acc"] if "acc" in means else -means["loss"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -442,20 +429,22 @@ class PretrainTask(LightningModule):
         return cls(groups, lr=lr, betas=tuple(self.hparams.betas))
 
     def on_fit_start(self) -> None:
-        if self.hparams.schedule == "cosine" and self.trainer.max_steps <= 0:
-            raise ValueError("model.schedule=cosine needs trainer.max_steps (the decay length)")
+        if self.schedule.kind == "cosine" and self.trainer.max_steps <= 0:
+            raise ValueError(
+                "model.schedule.kind=cosine needs trainer.max_steps (the decay length)"
+            )
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of `lr` for optimizer step `step` (warm-up, then plateau or cosine)."""
-        hp = self.hparams
+        cfg = self.schedule
         return lr_factor(
             step,
             0,
-            schedule=hp.schedule,
-            warmup_steps=hp.warmup_steps,
-            warmup=hp.warmup,
-            total_steps=self.trainer.max_steps if hp.schedule == "cosine" else math.inf,
-            min_factor=hp.min_lr / hp.lr,
+            schedule=cfg.kind,
+            warmup_steps=cfg.warmup_steps,
+            warmup=cfg.warmup,
+            total_steps=self.trainer.max_steps if cfg.kind == "cosine" else math.inf,
+            min_factor=cfg.min_lr / self.hparams.lr,
             plateau=self.plateau,
         )
 
@@ -476,7 +465,7 @@ class PretrainTask(LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        provenance = {"kind": f"pretraining ({self.hparams.objective})", "step": self.global_step}
+        provenance = {"kind": f"pretraining ({self.kind})", "step": self.global_step}
         bundle = EncoderFile(self.encoder, self.trained_features(), provenance=provenance)
         self.encoder_file = bundle.save(folder / "encoder.pt")  # `pretrain()` returns it
         print(f"exported encoder: {self.encoder_file}")

@@ -8,11 +8,12 @@
         (dotted options edit one field of the recipe's encoder piece)
 
 A recipe has three sections: `model:` (PretrainTask: encoder piece from recipes/model/,
-masking, loss weights, optimiser and schedule), `data:` (PretrainDataModule: shard
-folders, mixing weights, batch size, crop length; the model's input length follows
-`data.target_length`) and `trainer:` (Lightning Trainer: steps, precision, devices,
-logger, checkpoints). Any key can be overridden on the command line, e.g.
-`--model.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`; a bad key or
+the objective, optimiser and schedule), `data:` (PretrainDataModule: shard folders,
+mixing weights, batch size, `features`; the model's input length follows
+`data.features.target_length`, which `auto` sizes from the first source's clip
+durations) and `trainer:` (Lightning Trainer: steps, precision, devices, logger,
+checkpoints). Any key can be overridden on the command line, e.g.
+`--model.objective.n_masked 300` or `--trainer.devices 4 --trainer.strategy ddp`; a bad key or
 value stops the run before any step with one line naming it (exit code 2).
 
 Checkpoints go to `<logger folder>/checkpoints/`: last.ckpt at every validation and the
@@ -33,10 +34,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ssamba.data.pretrain import PretrainDataModule
+from jsonargparse import set_parsing_settings
+
+from ssamba.data.pretrain import PretrainDataModule, ShardSource
+from ssamba.data.transforms import linked_input_frames
 from ssamba.tasks.cli_common import RunResult, build_cli, exit_code, logged_metrics
-from ssamba.tasks.pretrain import PretrainTask
+from ssamba.tasks.objectives.eat import EATConfig
+from ssamba.tasks.pretrain import MSPMConfig, PretrainTask
 
 PROG = "ssamba pretrain"
 # Where a run with `--trainer.logger false` (and no trainer.default_root_dir) keeps its
@@ -44,17 +50,25 @@ PROG = "ssamba pretrain"
 DEFAULT_ROOT = "runs/pretrain"
 
 
+def source_input_frames(features: Any, sources: list[ShardSource] | None) -> int:
+    """`model.input_frames` from `data.features` ("auto": the first source's durations)."""
+    return linked_input_frames(features, sources[0]["shards"] if sources else None)
+
+
 def pretrain(argv: Sequence[str] | None = None) -> RunResult:
     """Run one pretraining recipe (command-line arguments); returns the trained task, its
     last logged metrics and `files["encoder"]`, the exported encoder file (on rank 0).
     A bad recipe raises `SetupError` before any step."""
+    # The objective's configs parse like classes: a recipe picks one by `class_path`,
+    # dotted options edit the chosen one's fields, and printed configs name it.
+    set_parsing_settings(subclasses_enabled=[MSPMConfig, EATConfig])
     cli = build_cli(
         PretrainTask,
         PretrainDataModule,
         argv,
         prog=PROG,
         description=__doc__,
-        links=[("data.target_length", "model.input_frames")],
+        links=[(("data.features", "data.sources"), "model.input_frames", source_input_frames)],
         default_root=DEFAULT_ROOT,
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))

@@ -37,7 +37,7 @@ __all__ = ["EATConfig", "EATObjective", "EATOutput", "ema_decay_at", "inverse_bl
 
 @dataclass
 class EATConfig:
-    """Settings of the teacher-student objective (`model.eat` of a pretraining recipe).
+    """Settings of the teacher-student objective (`model.objective` of a pretraining recipe).
 
     top_k: teacher layers averaged into the targets (the last K blocks, or layer pairs
         for SSAMBA's paired layers); clipped to the encoder's depth.
@@ -62,15 +62,15 @@ class EATConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"model.eat.mask_ratio={self.mask_ratio}: a share in (0, 1)")
+            raise ValueError(f"model.objective.mask_ratio={self.mask_ratio}: a share in (0, 1)")
         if self.clones < 1 or self.top_k < 1 or self.block < 1:
             raise ValueError(
-                f"model.eat: clones, top_k and block must be >= 1 (got {self.clones}, "
+                f"model.objective: clones, top_k and block must be >= 1 (got {self.clones}, "
                 f"{self.top_k}, {self.block})"
             )
         for name in ("ema_decay", "ema_end_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"model.eat.{name}={getattr(self, name)}: a value in [0, 1]")
+                raise ValueError(f"model.objective.{name}={getattr(self, name)}: a value in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,15 +177,12 @@ class EATObjective(nn.Module):
         return self
 
     @torch.no_grad()
-    def targets(self, fbank: Tensor, own: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher targets of the whole clips: frames (B, Np, D), utterance (B, D).
-
-        own: (B, Np) bool, the clip's own patches: the utterance target averages only them.
-        """
+    def targets(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher targets of the whole clips: frames (B, Np, D), utterance (B, D)."""
         layers = self.teacher.forward_features(fbank, return_layers=True)
         patches = [self.teacher.patch_tokens(x) for x in layers]
         frames = layer_average(patches, self.cfg.top_k)
-        return frames, mean_of_patches(frames, own)
+        return frames, mean_of_patches(frames)
 
     @torch.no_grad()
     def update_teacher(self, student: AudioEncoder, step: int) -> float:
@@ -204,16 +201,16 @@ class EATObjective(nn.Module):
         student: AudioEncoder,
         fbank: Tensor,
         generator: torch.Generator | Sequence[torch.Generator],
-        own: Tensor | None = None,
+        clean: Tensor | None = None,
     ) -> EATOutput:
-        """The loss on one batch; fbank: (B, T, F).
+        """The loss on one batch; fbank: (B, T, F), what the student reads.
 
-        own: (B, Np) bool, the clip's own patches (`AudioEncoder.clip_patches`): padding is
-        then left out of the frame loss and the utterance target.
+        clean: (B, T, F), the same clips before augmentation (`data.augment.clean_targets`),
+        which the teacher then reads instead of `fbank`.
         """
         cfg = self.cfg
         batch, clones = fbank.shape[0], cfg.clones
-        frames, utterance = self.targets(fbank, own)
+        frames, utterance = self.targets(fbank if clean is None else clean)
         mask = inverse_block_mask(
             batch, clones, student.grid, cfg.mask_ratio, cfg.block, generator, fbank.device
         )
@@ -221,8 +218,7 @@ class EATObjective(nn.Module):
         tokens = student.forward_features(copies, mask=mask)
         predictions = self.decoder(student.patch_tokens(tokens))
         targets = frames.repeat_interleave(clones, dim=0)
-        counted = mask if own is None else mask & own.repeat_interleave(clones, dim=0)
-        frame_loss = F.mse_loss(predictions[counted].float(), targets[counted])
+        frame_loss = F.mse_loss(predictions[mask].float(), targets[mask])
         cls = student.pool(tokens, "cls")
         utterance_loss = F.mse_loss(cls.float(), utterance.repeat_interleave(clones, dim=0))
         loss = frame_loss + cfg.utterance_weight * utterance_loss
