@@ -53,10 +53,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -648,6 +650,7 @@ def finetune(
 
     from ssamba.data.labelled import LabelledDataModule
     from ssamba.features import FeatureConfig
+    from ssamba.tasks.cli_common import quiet_lightning
 
     data = LabelledDataModule(
         str(shards),
@@ -667,20 +670,32 @@ def finetune(
         seed=seed,
     )
     task = build_task(encoder_file, init, seed, "finetune", settings, data.num_classes)
-    with tempfile.TemporaryDirectory(prefix="ssamba-le-") as folder:
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=settings.steps(len(train_ids)),
-            max_epochs=-1,
-            gradient_clip_val=1.0,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=folder,
-        )
-        trainer.fit(task, datamodule=data)
-        return float(trainer.test(task, datamodule=data, verbose=False)[0]["test/acc"])
+    quiet_lightning()
+    # Lightning's per-Trainer notices (devices, "max_steps reached"), once per fine-tune.
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = notices.level
+    notices.setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ssamba-le-") as folder, warnings.catch_warnings():
+            # No validation set on purpose (see the module's docstring): the task's
+            # checkpoint callback and Lightning would say so at every epoch.
+            warnings.filterwarnings("ignore", message=".*could not find the monitored key")
+            warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks")
+            trainer = Trainer(
+                accelerator="cpu",
+                max_steps=settings.steps(len(train_ids)),
+                max_epochs=-1,
+                gradient_clip_val=1.0,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                default_root_dir=folder,
+            )
+            trainer.fit(task, datamodule=data)
+            return float(trainer.test(task, datamodule=data, verbose=False)[0]["test/acc"])
+    finally:
+        notices.setLevel(level)
 
 
 def evaluate(

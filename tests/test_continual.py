@@ -172,3 +172,31 @@ def test_adapters_forget_nothing_while_sequential_finetuning_moves_the_encoder(t
     assert weights_sha256(load_encoder_file(root / "base.pt").encoder) == base_before
     assert (out / "adapter" / "digit.pt").is_file() and (out / "results.png").is_file()
     assert "| adapter |" in (out / "results.md").read_text()
+
+
+def test_earlier_tasks_are_scored_with_their_own_head_even_aums_bare_linear_one(
+    two_task_setup, tmp_path
+):
+    # An AuM classifier file: its head is a bare Linear (no LayerNorm) for the 4 digits, so
+    # the digit task keeps it; rebuilding a LayerNorm + Linear head to score it would fail.
+    root = two_task_setup
+    torch.manual_seed(0)
+    encoder = AudioEncoder(EncoderConfig(family="aum", embed_dim=32, depth=2, input_frames=64))
+    head = {"1.weight": torch.randn(4, 32), "1.bias": torch.zeros(4)}
+    features = FbankConfig(target_length=64, mean=-8.8, std=4.6)
+    base = EncoderFile(encoder, features, labels=list("0123"), head=head).save(tmp_path / "aum.pt")
+    tasks = [
+        {
+            "name": name,
+            "recipe": str(root / "task.yaml"),
+            "overrides": {"data.shards": str(root / name)},
+        }
+        for name in ("digit", "speaker")
+    ]
+    recipe = tmp_path / "continual.yaml"
+    recipe.write_text(yaml.safe_dump({"init": str(base), "methods": ["finetune"], "tasks": tasks}))
+
+    assert main(["--config", str(recipe), "--out", str(tmp_path / "out"), "--max-epochs", "1"]) == 0
+
+    accuracy = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["finetune"]
+    assert [len(row) for row in accuracy["accuracy"]] == [1, 2]
