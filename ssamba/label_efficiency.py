@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssamba.files import UnwritableError, writable_folder
 from ssamba.recipe_paths import RECIPES, recipe_path
 
 PROG = "ssamba label-efficiency"
@@ -205,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
         if not args.probe_l2 >= 0:  # also refuses nan
             raise InputError(f"--probe-l2: {args.probe_l2} is not a weight >= 0")
+        writable_folder(args.out, "--out")
         folds = plan_folds(args.shards, args.loso, args.folds)
         check_budgets(args.shards, folds, budgets, seeds)
         if args.encoder:
@@ -221,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budgets=tuple(tuned),
         )
         runs = evaluate(args.shards, encoder, folds, budgets, seeds, modes, settings)
-    except InputError as error:
+    except (InputError, UnwritableError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     minutes = (time.monotonic() - started) / 60

@@ -26,6 +26,11 @@ from test_finetune import (
     results_of,
 )
 
+from ssamba.embed.cli import main as embed_main
+from ssamba.export import main as export_main
+from ssamba.label_efficiency import main as label_efficiency_main
+from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile
 from ssamba.tasks.cli_common import QUIET_NOTICES, quiet_lightning
 from ssamba.tasks.evaluate_cli import main as evaluate_main
 from ssamba.tasks.finetune_cli import latest_results
@@ -409,3 +414,60 @@ def test_a_crafted_ckpt_path_is_refused_in_one_line_leaving_no_folder(
     assert "weights_only" not in err and "Traceback" not in err
     assert not marker.exists()
     assert not list(out.rglob("version_*"))
+
+
+def blocked(tmp_path: Path) -> Path:
+    """A folder that cannot be made, even by root: its parent is a regular file."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "out"
+
+
+def test_pretraining_into_a_folder_that_cannot_be_written_says_so_in_one_line(
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = blocked(tmp_path)
+
+    assert pretrain_main(pretrain_options(subset_shards, out, "--trainer.max_steps=1")) == 2
+
+    err = capfd.readouterr().err
+    assert error_lines(err) == [
+        f"ssamba pretrain: error: --trainer.default_root_dir {out}: cannot write there "
+        "(Not a directory)"
+    ]
+    assert "Traceback" not in err
+
+
+def test_fine_tuning_into_a_folder_that_cannot_be_written_says_so_in_one_line(
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = blocked(tmp_path)
+
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out)]) == 2
+
+    err = capfd.readouterr().err
+    assert error_lines(err) == [
+        f"ssamba finetune: error: --trainer.default_root_dir {out}: cannot write there "
+        "(Not a directory)"
+    ]
+    assert "Traceback" not in err
+
+
+def test_embed_export_and_label_efficiency_into_an_unwritable_folder_say_so_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], sample_wav: Path
+) -> None:
+    encoder = tmp_path / "encoder.pt"
+    EncoderFile(AudioEncoder(EncoderConfig(**SMALL, input_frames=64)), None).save(encoder)
+    out = blocked(tmp_path)
+    reason = "cannot write there (Not a directory)"
+
+    assert embed_main([str(sample_wav), "--ckpt", str(encoder), "--out", str(out)]) == 2
+    assert export_main([str(encoder), str(out / "encoder.pt")]) == 2
+    argv = ["--shards", str(tmp_path), "--encoder", str(encoder), "--out", str(out)]
+    assert label_efficiency_main(argv) == 2
+
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"ssamba embed: --out {out}: {reason}",
+        f"ssamba export: error: OUT's folder {out}: {reason}",
+        f"ssamba label-efficiency: error: --out {out}: {reason}",
+    ]

@@ -56,6 +56,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO
 
+from ssamba.files import UnwritableError, writable_folder
 from ssamba.models.encoder_file import read_weights_only
 from ssamba.recipe_paths import recipe_path
 from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
@@ -72,7 +73,13 @@ __all__ = [
 ]
 
 # What building a run from a recipe raises for bad input: reported in one line, exit 2.
-SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
+SETUP_ERRORS = (
+    ArgumentError,
+    ValueError,
+    FileNotFoundError,
+    MisconfigurationException,
+    UnwritableError,
+)
 
 LAST = "last"
 # The settings that make a run the same run: `--ckpt_path last` resumes only a version
@@ -216,6 +223,22 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
             f"--ckpt_path {ckpt_path}: its weights do not fit this model (trained with "
             f"another encoder or task?): {'; '.join(problems[:3])}{more}"
         )
+
+
+def check_output_folders(config: Any) -> None:
+    """UnwritableError, one line naming the option, when a folder the run writes (its
+    default_root_dir, its logger's save_dir) cannot be written; checked (and created) as
+    the last step before training, so a run refused earlier leaves nothing behind."""
+    trainer = config["trainer"]
+    logger = trainer.get("logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    folders = {
+        "--trainer.default_root_dir": trainer.get("default_root_dir"),
+        "--trainer.logger.init_args.save_dir": None if init is None else init.get("save_dir"),
+    }
+    for option, folder in folders.items():
+        if folder is not None:
+            writable_folder(str(folder), option)
 
 
 def find_last_checkpoint(run_root: Path, config: dict[str, Any]) -> Path | None:
@@ -460,6 +483,7 @@ def run_cli(
             default_root=default_root,
         )
         check_resume(cli.model, cli.config.get("ckpt_path"))
+        check_output_folders(cli.config)
     except SystemExit as exit_:  # --help and --print_config
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     except SETUP_ERRORS as error:

@@ -55,6 +55,7 @@ from ssamba.tasks.classify import ClassifyTask
 from ssamba.tasks.cli_common import (
     SETUP_ERRORS,
     SsambaCLI,
+    check_output_folders,
     check_resume,
     one_line,
     setup_error_line,
@@ -311,6 +312,7 @@ def build(cli: ClassifyCLI, config: Namespace) -> dict[str, int]:
         cli.instantiate_classes()
         check_resume(cli.model, cli.config.get("ckpt_path"))
         counts = cli.datamodule.split_clips()  # every subset the run will read
+        check_output_folders(cli.config)
     except SETUP_ERRORS as error:
         raise RecipeError(fold_hint(setup_error_line(error), config)) from error
     check_batches(counts, cli.datamodule.hparams.batch_size, cli.trainer.world_size, config)
