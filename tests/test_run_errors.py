@@ -471,3 +471,21 @@ def test_embed_export_and_label_efficiency_into_an_unwritable_folder_say_so_in_o
         f"ssamba export: error: OUT's folder {out}: {reason}",
         f"ssamba label-efficiency: error: --out {out}: {reason}",
     ]
+
+
+def test_evaluate_on_own_data_reports_its_task_and_writes_no_recipe_run_folder(
+    subset_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "mine"
+    own = ["--task=mine", "--trainer.logger.init_args.name=mine", "--trainer.max_steps=2"]
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out), *own]) == 0
+    encoder = out / "mine" / "version_0" / "encoder.pt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recipe's runs/finetune/fsdd would land here
+
+    options = [f"--data.shards={subset_shards}", "--trainer.enable_progress_bar=false"]
+    assert evaluate_main(["--config", str(FSDD), "--ckpt", str(encoder), *options]) == 0
+
+    assert json.loads((encoder.parent / "results.json").read_text())["task"] == "mine"
+    assert list(elsewhere.iterdir()) == []

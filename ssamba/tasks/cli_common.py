@@ -310,11 +310,11 @@ def intact_or_fallback(last: Path) -> Path:
 class SaveConfigOnStart(SaveConfigCallback):
     """Lightning's SaveConfigCallback, writing once fitting has started rather than at setup:
     a checkpoint restore that fails (a resume with another encoder) comes in between, and
-    must not leave a config.yaml that no checkpoint of the run matches."""
+    must not leave a config.yaml that no checkpoint of the run matches. Testing or
+    validating alone (`ssamba evaluate`) writes none: it is no run of the recipe's."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            super().setup(trainer, pl_module, stage)
+        pass
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().setup(trainer, pl_module, "fit")
