@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from test_datamodules import crafted_json_clips, fsdd_clips, write_shard_folder
 from test_finetune import (
     FSDD,
@@ -489,3 +490,46 @@ def test_evaluate_on_own_data_reports_its_task_and_writes_no_recipe_run_folder(
 
     assert json.loads((encoder.parent / "results.json").read_text())["task"] == "mine"
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_shorter_than_its_epoch_validates_at_its_last_step(
+    subset_shards: Path, tmp_path: Path
+) -> None:
+    # the recipe's epoch is 100 steps: before, a 3-step run never validated
+    assert pretrain_main(pretrain_options(subset_shards, tmp_path, "--trainer.max_steps=3")) == 0
+
+    checkpoints = tmp_path / "fsdd_tiny_cpu" / "version_0" / "checkpoints"
+    assert [p.name.split("-acc")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-step3"]
+
+
+def test_a_recipe_whose_shards_are_not_written_yet_says_to_shard_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no work/shards/fsdd here
+
+    assert pretrain_main(["--config", str(PRETRAIN)]) == 2
+
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "shard folder work/shards/fsdd does not exist: shard the audio first" in line
+    assert "make shards" in line
+
+
+def test_a_linear_probe_run_says_its_lines_once_and_no_eval_mode_warning(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = [*quick(subset_shards, tmp_path), "--model.mode=linear", "--trainer.max_steps=2"]
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+    first = capfd.readouterr().out
+    assert "clips: " in first and "trainable encoder parameters" in first
+
+    # what the second process of a DDP run prints: nothing of its own before training
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+    second = capfd.readouterr().out
+    assert "clips: " not in second and "trainable encoder parameters" not in second
+
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]

@@ -59,6 +59,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from ssamba.files import UnwritableError, writable_folder
 from ssamba.models.encoder_file import read_weights_only
 from ssamba.recipe_paths import recipe_path
+from ssamba.tasks import say
 from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
@@ -299,7 +300,7 @@ def intact_or_fallback(last: Path) -> Path:
             f"--ckpt_path last: {last} is damaged ({damage}) and {last.parent} holds no "
             "intact checkpoint to resume from instead; move it away to start from scratch"
         )
-    print(
+    say(
         f"--ckpt_path last: {last} is damaged ({damage}); resuming from {fallback}, the "
         "newest intact checkpoint of that run",
         file=sys.stderr,
@@ -349,6 +350,9 @@ class SsambaCLI(LightningCLI):
         # "Seed set to 0" on stderr before every run (and before any recipe error): the
         # seed is in the saved config.yaml already.
         logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+        # Linear probes, adapters and the teacher-student objective keep their frozen parts
+        # in eval mode on purpose; Lightning warns of it at every fit.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         super().__init__(
             model_class,
             datamodule_class,
@@ -411,6 +415,7 @@ class SsambaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._keep_files_out_of_the_current_directory()
+        self._validate_within_max_steps()
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path == LAST:
             self._resume_in_last_version()
@@ -418,6 +423,21 @@ class SsambaCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path: {ckpt_path} does not exist")
         elif ckpt_path is not None and (damage := checkpoint_damage(ckpt_path)) is not None:
             raise ValueError(f"--ckpt_path: {ckpt_path} is damaged ({damage})")
+
+    def _validate_within_max_steps(self) -> None:
+        """A run shorter than its validation interval validates at its last step: set
+        `val_check_interval` to max_steps when it (or, unset, the data's epoch of
+        `steps_per_epoch` batches) is longer, so a short run still reports val metrics
+        and keeps a best checkpoint."""
+        trainer = self.config.trainer
+        max_steps = trainer.get("max_steps") or -1
+        interval = trainer.get("val_check_interval")
+        data = self.config.get("data")
+        epoch = data.get("steps_per_epoch") if hasattr(data, "get") else None
+        if interval is None:
+            interval = epoch
+        if max_steps > 0 and isinstance(interval, int) and interval > max_steps:
+            trainer.val_check_interval = max_steps
 
     def _keep_files_out_of_the_current_directory(self) -> None:
         """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
@@ -442,7 +462,7 @@ class SsambaCLI(LightningCLI):
         dumped = self.parser.dump(self.config, skip_none=False, skip_validation=True)
         last = find_last_checkpoint(run_root, yaml.safe_load(dumped))
         if last is None:
-            print(
+            say(
                 f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root} yet; "
                 "starting from scratch",
                 file=sys.stderr,

@@ -50,6 +50,7 @@ from ssamba.data.labelled import LabelledDataModule
 from ssamba.data.loader import rank_batches
 from ssamba.files import atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
+from ssamba.tasks import say
 from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.classify import ClassifyTask
 from ssamba.tasks.cli_common import (
@@ -316,7 +317,7 @@ def build(cli: ClassifyCLI, config: Namespace) -> dict[str, int]:
     except SETUP_ERRORS as error:
         raise RecipeError(fold_hint(setup_error_line(error), config)) from error
     check_batches(counts, cli.datamodule.hparams.batch_size, cli.trainer.world_size, config)
-    print("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
+    say("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
     return counts
 
 
@@ -345,7 +346,7 @@ def run_one(cli: ClassifyCLI, config: Namespace) -> dict[str, Any]:
             f"last step {trainer.global_step} (training ended before any validation, so "
             "no epoch could be chosen: check max_steps / val_check_interval)"
         )
-        print(f"{PROG}: warning: no validation ran; testing {selection}", file=sys.stderr)
+        say(f"{PROG}: warning: no validation ran; testing {selection}", file=sys.stderr)
     if not ckpt:
         raise RuntimeError("no checkpoint was saved: is trainer.enable_checkpointing false?")
     metric = f"test/{model.hparams.metric}"
@@ -392,7 +393,7 @@ def _run(cli: ClassifyCLI) -> int:
     records = {}
     for fold, fold_config in folds.items():
         if fold != "-":
-            print(f"== {name}: fold {fold} ({len(records) + 1}/{len(folds)})")
+            say(f"== {name}: fold {fold} ({len(records) + 1}/{len(folds)})")
         records[fold] = run_one(cli, fold_config)
     values = [r["value"] for r in records.values()]
     metric = config["model"]["metric"]
