@@ -56,9 +56,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_positive(args: argparse.Namespace, *options: str) -> None:
+    """ValueError naming the first of `options` given a value that is not above 0
+    (0 workers or a 0 MB shard would stall or loop; -1 is no count)."""
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and not value > 0:
+            raise ValueError(f"{option} {value:g}: must be above 0")
+
+
 def _shard(args: argparse.Namespace) -> int:
     from data_prep.shard import write_shards  # torch import only when needed
 
+    _check_positive(args, "--workers", "--shard-size", "--shard-mb", "--stats-clips")
     manifest = prepare(args.corpus, args.src, args.out)
     write_shards(
         manifest,
@@ -74,6 +84,7 @@ def _shard(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from data_prep.stats import compute_stats
 
+    _check_positive(args, "--workers", "--max-clips", "--num-ceps")
     compute_stats(
         args.shards,
         workers=args.workers,

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ssamba.embed import Windowing, trained_features
 from ssamba.features import FbankConfig, kaldi_options
+from ssamba.files import writable_folder
 from ssamba.models.encoder import AudioEncoder
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        writable_folder(args.out.parent, "OUT's folder")
         bundle = load_encoder_file(args.checkpoint, source_stride=args.source_stride)
         if args.out.resolve() == args.checkpoint.resolve():
             raise ValueError(f"{args.out}: the output would overwrite the input")

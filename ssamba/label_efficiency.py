@@ -68,6 +68,7 @@ import torch
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
+from ssamba.files import UnwritableError, writable_folder
 from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.probe import linear_probe
 
@@ -282,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
         if not args.probe_l2 >= 0:  # also refuses nan
             raise InputError(f"--probe-l2: {args.probe_l2} is not a weight >= 0")
+        writable_folder(args.out, "--out")
         clips = read_catalogue(args.shards)
         protocol = plan_protocol(clips, args)
         check_budgets(clips, protocol.folds, budgets)
@@ -314,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = evaluate(
             args.shards, clips, encoder, protocol.folds, budgets, seeds, modes, settings
         )
-    except InputError as error:
+    except (InputError, UnwritableError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     minutes = (time.monotonic() - started) / 60

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from test_datamodules import crafted_json_clips, fsdd_clips, write_shard_folder
 from test_finetune import (
     FSDD,
@@ -26,6 +27,11 @@ from test_finetune import (
     results_of,
 )
 
+from ssamba.embed.cli import main as embed_main
+from ssamba.export import main as export_main
+from ssamba.label_efficiency import main as label_efficiency_main
+from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile
 from ssamba.tasks.cli_common import QUIET_NOTICES, quiet_lightning
 from ssamba.tasks.evaluate_cli import main as evaluate_main
 from ssamba.tasks.finetune_cli import latest_results
@@ -410,3 +416,121 @@ def test_a_crafted_ckpt_path_is_refused_in_one_line_leaving_no_folder(
     assert "weights_only" not in err and "Traceback" not in err
     assert not marker.exists()
     assert not list(out.rglob("version_*"))
+
+
+def blocked(tmp_path: Path) -> Path:
+    """A folder that cannot be made, even by root: its parent is a regular file."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "out"
+
+
+def test_pretraining_into_a_folder_that_cannot_be_written_says_so_in_one_line(
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = blocked(tmp_path)
+
+    assert pretrain_main(pretrain_options(subset_shards, out, "--trainer.max_steps=1")) == 2
+
+    err = capfd.readouterr().err
+    assert error_lines(err) == [
+        f"ssamba pretrain: error: --trainer.default_root_dir {out}: cannot write there "
+        "(Not a directory)"
+    ]
+    assert "Traceback" not in err
+
+
+def test_fine_tuning_into_a_folder_that_cannot_be_written_says_so_in_one_line(
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = blocked(tmp_path)
+
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out)]) == 2
+
+    err = capfd.readouterr().err
+    assert error_lines(err) == [
+        f"ssamba finetune: error: --trainer.default_root_dir {out}: cannot write there "
+        "(Not a directory)"
+    ]
+    assert "Traceback" not in err
+
+
+def test_embed_export_and_label_efficiency_into_an_unwritable_folder_say_so_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], sample_wav: Path
+) -> None:
+    encoder = tmp_path / "encoder.pt"
+    EncoderFile(AudioEncoder(EncoderConfig(**SMALL, input_frames=64)), None).save(encoder)
+    out = blocked(tmp_path)
+    reason = "cannot write there (Not a directory)"
+
+    assert embed_main([str(sample_wav), "--ckpt", str(encoder), "--out", str(out)]) == 2
+    assert export_main([str(encoder), str(out / "encoder.pt")]) == 2
+    argv = ["--shards", str(tmp_path), "--encoder", str(encoder), "--out", str(out)]
+    assert label_efficiency_main(argv) == 2
+
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"ssamba embed: --out {out}: {reason}",
+        f"ssamba export: error: OUT's folder {out}: {reason}",
+        f"ssamba label-efficiency: error: --out {out}: {reason}",
+    ]
+
+
+def test_evaluate_on_own_data_reports_its_task_and_writes_no_recipe_run_folder(
+    subset_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "mine"
+    own = ["--task=mine", "--trainer.logger.init_args.name=mine", "--trainer.max_steps=2"]
+    assert finetune_main(["--config", str(FSDD), *quick(subset_shards, out), *own]) == 0
+    encoder = out / "mine" / "version_0" / "encoder.pt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recipe's runs/finetune/fsdd would land here
+
+    options = [f"--data.shards={subset_shards}", "--trainer.enable_progress_bar=false"]
+    assert evaluate_main(["--config", str(FSDD), "--ckpt", str(encoder), *options]) == 0
+
+    assert json.loads((encoder.parent / "results.json").read_text())["task"] == "mine"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_shorter_than_its_epoch_validates_at_its_last_step(
+    subset_shards: Path, tmp_path: Path
+) -> None:
+    # the recipe's epoch is 100 steps: before, a 3-step run never validated
+    assert pretrain_main(pretrain_options(subset_shards, tmp_path, "--trainer.max_steps=3")) == 0
+
+    checkpoints = tmp_path / "fsdd_tiny_cpu" / "version_0" / "checkpoints"
+    assert [p.name.split("-acc")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-step3"]
+
+
+def test_a_recipe_whose_shards_are_not_written_yet_says_to_shard_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no work/shards/fsdd here
+
+    assert pretrain_main(["--config", str(PRETRAIN)]) == 2
+
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "shard folder work/shards/fsdd does not exist: shard the audio first" in line
+    assert "make shards" in line
+
+
+def test_a_linear_probe_run_says_its_lines_once_and_no_eval_mode_warning(
+    subset_shards: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = [*quick(subset_shards, tmp_path), "--model.mode=linear", "--trainer.max_steps=2"]
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+    first = capfd.readouterr().out
+    assert "clips: " in first and "trainable encoder parameters" in first
+
+    # what the second process of a DDP run prints: nothing of its own before training
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert finetune_main(["--config", str(FSDD), *options]) == 0
+    second = capfd.readouterr().out
+    assert "clips: " not in second and "trainable encoder parameters" not in second
+
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]

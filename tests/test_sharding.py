@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +230,44 @@ def test_ids_that_differ_only_in_characters_a_key_cannot_hold_both_get_a_sample(
     assert stats["clips"] == 2 and stats["rejects"] == 0
     clips = list(iter_shard(str(out / "train-000000.tar")))
     assert {c.key: c.meta["id"] for c in clips} == {"take~2e1": "take.1", "take_1": "take_1"}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--workers", "0"), ("--workers", "-1"), ("--shard-mb", "0"), ("--stats-clips", "0")],
+)
+def test_a_count_or_size_that_is_not_above_zero_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    argv = ["--corpus", "folder", "--src", str(tmp_path), "--out", str(tmp_path / "out")]
+
+    assert shard_main([*argv, option, value]) == 2
+
+    assert capsys.readouterr().err == f"ssamba shard: {option} {value}: must be above 0\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_writing_the_index_leaves_the_old_index(tmp_path: Path) -> None:
+    """The process may write no file over 4 KiB (RLIMIT_FSIZE), as a full disk would stop it."""
+    script = """
+import resource, signal, sys
+from pathlib import Path
+from ssamba.data.shard_format import read_index, write_index
+folder = Path(sys.argv[1])
+write_index(folder, {"train": {"shards": [{"file": "train-000000.tar", "clips": 1}], "clips": 1}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+many = [{"file": f"train-{i:06d}.tar", "clips": 1} for i in range(1000)]
+try:
+    write_index(folder, {"train": {"shards": many, "clips": 1000}})
+except OSError:
+    pass
+print(read_index(folder))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True
+    )
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "{'train': [('train-000000.tar', 1)]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]

@@ -31,6 +31,7 @@ import soundfile as sf
 import torch
 
 from ssamba.audio import AUDIO_EXTENSIONS
+from ssamba.files import atomic_write_text
 
 SAMPLE_RATE = 16000
 AUDIO_MEMBER = "flac"
@@ -214,15 +215,12 @@ def reject_entry(record: dict[str, Any], reason: str) -> dict[str, Any]:
 
 def write_labels(classes: list[tuple[str, str]], folder: Path) -> Path:
     """`labels.csv` (index,id,name); classes: (id, display name) in index order."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LABELS_NAME
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "id", "name"])
-        for index, (class_id, name) in enumerate(classes):
-            writer.writerow([index, class_id, name])
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["index", "id", "name"])
+    for index, (class_id, name) in enumerate(classes):
+        writer.writerow([index, class_id, name])
+    return atomic_write_text(Path(folder) / LABELS_NAME, text.getvalue())
 
 
 def read_labels(path: Path) -> list[tuple[str, str]]:
@@ -239,7 +237,7 @@ def write_index(folder: Path, splits: dict[str, dict[str, Any]]) -> dict[str, An
         "clips": sum(s["clips"] for s in splits.values()),
         "splits": splits,
     }
-    (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    atomic_write_text(Path(folder) / INDEX_NAME, json.dumps(index, indent=1))
     return index
 
 
@@ -259,7 +257,8 @@ def read_index(folder: Path) -> dict[str, list[tuple[str, int]]] | None:
 
 
 def write_stats(folder: Path, stats: dict[str, Any]) -> None:
-    (Path(folder) / STATS_NAME).write_text(json.dumps(stats, indent=1))
+    """stats.json, written atomically as every file of the folder a reader trusts."""
+    atomic_write_text(Path(folder) / STATS_NAME, json.dumps(stats, indent=1))
 
 
 def read_stats(folder: Path) -> dict[str, Any]:

@@ -59,7 +59,10 @@ def list_shards(folder: str | Path, splits: Sequence[str] | None = None) -> list
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"shard folder {root} does not exist")
+        raise FileNotFoundError(
+            f"shard folder {root} does not exist: shard the audio first (`ssamba shard "
+            f"--corpus CORPUS --src FOLDER --out {root}`, or `make shards CORPUS=...`)"
+        )
     shards = _indexed_shards(root) or _globbed_shards(root)
     if not shards:
         raise ValueError(f"shard folder {root} holds no <split>-NNNNNN.tar files")

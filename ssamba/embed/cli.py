@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ssamba.audio import AUDIO_EXTENSIONS, AudioError, load_audio
 from ssamba.embed.embedder import Embedder, FreqMode, PoolMode
+from ssamba.files import writable_folder
 
 DESCRIPTION = """\
 Embed audio files with an encoder: an encoder file (`ssamba pretrain`, `ssamba finetune`,
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if clash:
         parser.error(clash)
     try:
+        writable_folder(args.out.parent if stacked else args.out, "--out")
         embedder = Embedder.from_file(
             args.ckpt,
             window_seconds=args.window_seconds,

@@ -46,6 +46,7 @@ from ssamba.models.adapters import (
 )
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
+from ssamba.tasks import say
 from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.metrics import classification_metrics, update_metrics
 from ssamba.tasks.schedules import Warmup, apply_lr, lr_factor
@@ -213,7 +214,7 @@ class ClassifyTask(LightningModule):
         elif adapter is not None:
             raise ValueError(f"model.adapter: only used with mode adapter (mode is {mode!r})")
         if mode != "finetune":
-            print(self.trainable_summary(), flush=True)
+            say(self.trainable_summary(), flush=True)
         self.val_metrics = classification_metrics(num_classes, multilabel, "val/")
         self.test_metrics = classification_metrics(num_classes, multilabel, "test/")
 

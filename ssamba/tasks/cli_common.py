@@ -59,8 +59,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO
 
+from ssamba.files import UnwritableError, writable_folder
 from ssamba.models.encoder_file import read_checkpoint
 from ssamba.recipe_paths import recipe_path
+from ssamba.tasks import say
 from ssamba.tasks.checkpoint_io import AtomicCheckpointIO, checkpoint_damage
 
 __all__ = [
@@ -82,7 +84,13 @@ __all__ = [
 Link = tuple[str, str] | tuple[str | tuple[str, ...], str, Callable[..., Any]]
 
 # What building a run from a recipe raises for bad input: reported in one line, exit 2.
-SETUP_ERRORS = (ArgumentError, ValueError, FileNotFoundError, MisconfigurationException)
+SETUP_ERRORS = (
+    ArgumentError,
+    ValueError,
+    FileNotFoundError,
+    MisconfigurationException,
+    UnwritableError,
+)
 
 LAST = "last"
 # The settings that make a run the same run: `--ckpt_path last` resumes only a version
@@ -228,6 +236,22 @@ def check_resume(model: torch.nn.Module, ckpt_path: str | Path | None) -> None:
         )
 
 
+def check_output_folders(config: Any) -> None:
+    """UnwritableError, one line naming the option, when a folder the run writes (its
+    default_root_dir, its logger's save_dir) cannot be written; checked (and created) as
+    the last step before training, so a run refused earlier leaves nothing behind."""
+    trainer = config["trainer"]
+    logger = trainer.get("logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    folders = {
+        "--trainer.default_root_dir": trainer.get("default_root_dir"),
+        "--trainer.logger.init_args.save_dir": None if init is None else init.get("save_dir"),
+    }
+    for option, folder in folders.items():
+        if folder is not None:
+            writable_folder(str(folder), option)
+
+
 def find_last_checkpoint(run_root: Path, config: dict[str, Any]) -> Path | None:
     """Newest `<run_root>/<version>/checkpoints/last.ckpt` of the run `config` describes
     (see `RUN_KEYS`); None when nothing was saved under `run_root`, ValueError naming the
@@ -286,7 +310,7 @@ def intact_or_fallback(last: Path) -> Path:
             f"--ckpt_path last: {last} is damaged ({damage}) and {last.parent} holds no "
             "intact checkpoint to resume from instead; move it away to start from scratch"
         )
-    print(
+    say(
         f"--ckpt_path last: {last} is damaged ({damage}); resuming from {fallback}, the "
         "newest intact checkpoint of that run",
         file=sys.stderr,
@@ -297,11 +321,11 @@ def intact_or_fallback(last: Path) -> Path:
 class SaveConfigOnStart(SaveConfigCallback):
     """Lightning's SaveConfigCallback, writing once fitting has started rather than at setup:
     a checkpoint restore that fails (a resume with another encoder) comes in between, and
-    must not leave a config.yaml that no checkpoint of the run matches."""
+    must not leave a config.yaml that no checkpoint of the run matches. Testing or
+    validating alone (`ssamba evaluate`) writes none: it is no run of the recipe's."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            super().setup(trainer, pl_module, stage)
+        pass
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().setup(trainer, pl_module, "fit")
@@ -338,6 +362,9 @@ class SsambaCLI(LightningCLI):
         # "Seed set to 0" on stderr before every run (and before any recipe error): the
         # seed is in the saved config.yaml already.
         logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+        # Linear probes, adapters and the teacher-student objective keep their frozen parts
+        # in eval mode on purpose; Lightning warns of it at every fit.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         super().__init__(
             model_class,
             datamodule_class,
@@ -400,6 +427,7 @@ class SsambaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._keep_files_out_of_the_current_directory()
+        self._validate_within_max_steps()
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path == LAST:
             self._resume_in_last_version()
@@ -407,6 +435,21 @@ class SsambaCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path: {ckpt_path} does not exist")
         elif ckpt_path is not None and (damage := checkpoint_damage(ckpt_path)) is not None:
             raise ValueError(f"--ckpt_path: {ckpt_path} is damaged ({damage})")
+
+    def _validate_within_max_steps(self) -> None:
+        """A run shorter than its validation interval validates at its last step: set
+        `val_check_interval` to max_steps when it (or, unset, the data's epoch of
+        `steps_per_epoch` batches) is longer, so a short run still reports val metrics
+        and keeps a best checkpoint."""
+        trainer = self.config.trainer
+        max_steps = trainer.get("max_steps") or -1
+        interval = trainer.get("val_check_interval")
+        data = self.config.get("data")
+        epoch = data.get("steps_per_epoch") if hasattr(data, "get") else None
+        if interval is None:
+            interval = epoch
+        if max_steps > 0 and isinstance(interval, int) and interval > max_steps:
+            trainer.val_check_interval = max_steps
 
     def _keep_files_out_of_the_current_directory(self) -> None:
         """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
@@ -431,7 +474,7 @@ class SsambaCLI(LightningCLI):
         dumped = self.parser.dump(self.config, skip_none=False, skip_validation=True)
         last = find_last_checkpoint(run_root, yaml.safe_load(dumped))
         if last is None:
-            print(
+            say(
                 f"--ckpt_path last: no */checkpoints/last.ckpt under {run_root} yet; "
                 "starting from scratch",
                 file=sys.stderr,
@@ -487,6 +530,7 @@ def build_cli(
             default_root=default_root,
         )
         check_resume(cli.model, cli.config.get("ckpt_path"))
+        check_output_folders(cli.config)
     except SETUP_ERRORS as error:
         raise SetupError(setup_error_line(error)) from error
     return cli

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from ssamba.tasks.cli_common import (
@@ -108,6 +110,33 @@ def trained_input_frames(ckpt: str) -> int | None:
     return int(frames) if isinstance(frames, int) else None
 
 
+def evaluated_task(config: Namespace) -> str:
+    """`--task`; else the task of the fine-tuning run that wrote `--ckpt` (its
+    config.yaml beside the checkpoint: `task`, else the logger's name), so a checkpoint of
+    your own data is not reported under the recipe's name; else the recipe's name."""
+    if config.get("task"):
+        return str(config.task)
+    ckpt = Path(config.ckpt)
+    for folder in (ckpt.parent, ckpt.parent.parent):  # encoder.pt, checkpoints/x.ckpt
+        saved = folder / "config.yaml"
+        if saved.is_file():
+            try:
+                run = yaml.safe_load(saved.read_text())
+            except (OSError, yaml.YAMLError):
+                break
+            name = (run.get("task") or _logger_name(run)) if isinstance(run, dict) else None
+            if name:
+                return str(name).split("/")[0]  # a fold's logs: <name>/fold-<fold>
+            break
+    return task_name(config)
+
+
+def _logger_name(run: dict[str, Any]) -> str | None:
+    logger = (run.get("trainer") or {}).get("logger")
+    init = logger.get("init_args") if isinstance(logger, dict) else None
+    return init.get("name") if isinstance(init, dict) else None
+
+
 def format_table(rows: list[dict[str, str]]) -> str:
     """Aligned plain-text table of equal-keyed rows."""
     columns = list(rows[0])
@@ -137,7 +166,7 @@ def evaluate(argv: list[str] | None = None) -> RunResult:
     scores = run(model, datamodule=cli.datamodule, verbose=False)[0]
     metric = model.hparams.metric
     results = {
-        "task": task_name(config),
+        "task": evaluated_task(config),
         "split": split,
         "metric": metric,
         "value": float(scores[f"{split}/{metric}"]),

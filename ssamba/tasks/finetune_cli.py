@@ -52,6 +52,7 @@ from ssamba.data.transforms import linked_input_frames
 from ssamba.features import FeatureConfig
 from ssamba.files import atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
+from ssamba.tasks import say
 from ssamba.tasks.callbacks import EpochWeightAveraging
 from ssamba.tasks.classify import ClassifyTask
 from ssamba.tasks.cli_common import (
@@ -59,6 +60,7 @@ from ssamba.tasks.cli_common import (
     RunResult,
     SetupError,
     SsambaCLI,
+    check_output_folders,
     check_resume,
     exit_code,
     one_line,
@@ -321,10 +323,11 @@ def build(cli: ClassifyCLI, config: Namespace) -> dict[str, int]:
         cli.instantiate_classes()
         check_resume(cli.model, cli.config.get("ckpt_path"))
         counts = cli.datamodule.split_clips()  # every subset the run will read
+        check_output_folders(cli.config)
     except SETUP_ERRORS as error:
         raise RecipeError(fold_hint(setup_error_line(error), config)) from error
     check_batches(counts, cli.datamodule.hparams.batch_size, cli.trainer.world_size, config)
-    print("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
+    say("clips: " + ", ".join(f"{name} {n}" for name, n in counts.items()), flush=True)
     return counts
 
 
@@ -353,7 +356,7 @@ def run_one(cli: ClassifyCLI, config: Namespace) -> dict[str, Any]:
             f"last step {trainer.global_step} (training ended before any validation, so "
             "no epoch could be chosen: check max_steps / val_check_interval)"
         )
-        print(f"{PROG}: warning: no validation ran; testing {selection}", file=sys.stderr)
+        say(f"{PROG}: warning: no validation ran; testing {selection}", file=sys.stderr)
     if not ckpt:
         raise RuntimeError("no checkpoint was saved: is trainer.enable_checkpointing false?")
     metric = f"test/{model.hparams.metric}"
@@ -395,7 +398,7 @@ def finetune(argv: list[str] | None = None) -> RunResult:
     records = {}
     for fold, fold_config in folds.items():
         if fold != "-":
-            print(f"== {name}: fold {fold} ({len(records) + 1}/{len(folds)})")
+            say(f"== {name}: fold {fold} ({len(records) + 1}/{len(folds)})")
         records[fold] = run_one(cli, fold_config)
     values = [r["value"] for r in records.values()]
     metric = config["model"]["metric"]
