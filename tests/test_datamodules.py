@@ -21,6 +21,7 @@ import torch
 import webdataset as wds
 from jsonargparse import ArgumentParser
 
+from data_prep.stats import duration_quantiles
 from ssamba.audio import load_audio
 from ssamba.data import LabelledDataModule, PretrainDataModule
 from ssamba.features import DATASET_STATS, FeatureConfig
@@ -102,7 +103,15 @@ def write_shard_folder(
         splits[split] = {"shards": entries, "clips": sum(e["clips"] for e in entries)}
     (folder / "index.json").write_text(json.dumps({"sample_rate": 16000, "splits": splits}))
     mean, std = DATASET_STATS["speechcommands"]
-    (folder / "stats.json").write_text(json.dumps({"fbank_mean": mean, "fbank_std": std}))
+    seconds = [
+        float(clip.meta["duration"])
+        for split_shards in shards.values()
+        for clips in split_shards
+        for clip in clips
+        if isinstance(clip.meta, dict) and isinstance(clip.meta.get("duration"), (int, float))
+    ]
+    stats = {"fbank_mean": mean, "fbank_std": std, "durations": duration_quantiles(seconds)}
+    (folder / "stats.json").write_text(json.dumps(stats))
     if classes is not None:
         rows = ["index,id,name", *(f"{i},{c},{c}" for i, c in enumerate(classes))]
         (folder / "labels.csv").write_text("\n".join(rows) + "\n")

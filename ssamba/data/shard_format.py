@@ -261,8 +261,19 @@ def write_stats(folder: Path, stats: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / STATS_NAME, json.dumps(stats, indent=1))
 
 
+def require_shard_folder(folder: str | Path) -> Path:
+    """`folder` as a Path; FileNotFoundError saying to shard first when it does not exist."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"shard folder {root} does not exist: shard the audio first (`ssamba shard "
+            f"--corpus CORPUS --src FOLDER --out {root}`, or `make shards CORPUS=...`)"
+        )
+    return root
+
+
 def read_stats(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / STATS_NAME
+    path = require_shard_folder(folder) / STATS_NAME
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as err:

@@ -34,6 +34,7 @@ from ssamba.data.shard_format import (
     BadMeta,
     parse_sample_meta,
     read_index,
+    require_shard_folder,
     shard_split,
     split_member_name,
 )
@@ -57,12 +58,7 @@ def list_shards(folder: str | Path, splits: Sequence[str] | None = None) -> list
     `<split>-*.tar`. Raises FileNotFoundError / ValueError naming the folder and the splits
     that do exist, so a typo fails before training starts.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"shard folder {root} does not exist: shard the audio first (`ssamba shard "
-            f"--corpus CORPUS --src FOLDER --out {root}`, or `make shards CORPUS=...`)"
-        )
+    root = require_shard_folder(folder)
     shards = _indexed_shards(root) or _globbed_shards(root)
     if not shards:
         raise ValueError(f"shard folder {root} holds no <split>-NNNNNN.tar files")
