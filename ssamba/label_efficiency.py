@@ -283,7 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
         if not args.probe_l2 >= 0:  # also refuses nan
             raise InputError(f"--probe-l2: {args.probe_l2} is not a weight >= 0")
-        writable_folder(args.out, "--out")
         clips = read_catalogue(args.shards)
         protocol = plan_protocol(clips, args)
         check_budgets(clips, protocol.folds, budgets)
@@ -298,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(f"--pretrain-recipe {error}") from None
         from ssamba.tasks.finetune_cli import new_run_folder
 
+        writable_folder(args.out, "--out")  # last check: a refusal above leaves nothing
         out = new_run_folder(args.out)
         if args.encoder:
             encoder, pretrained_on = args.encoder, None

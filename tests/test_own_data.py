@@ -25,6 +25,7 @@ from ssamba.audio import AUDIO_EXTENSIONS
 from ssamba.data import LabelledDataModule
 from ssamba.data.shard_format import read_labels, sample_key
 from ssamba.data.shards import iter_shard
+from ssamba.features import FeatureConfig
 from ssamba.tasks.finetune_cli import ClassifyCLI
 
 
@@ -194,7 +195,9 @@ def test_the_default_fine_tuning_recipe_never_trains_on_a_valid_split(
         clip.meta["split"] = "valid"  # the user's validation split: take 6
     folder = write_shard_folder(tmp_path / "shards", {"all": [clips]})
     recipe = ClassifyCLI(["--config", str(FSDD), f"--data.shards={folder}"], parse_only=True)
-    data = LabelledDataModule(**recipe.config["data"].as_dict())
+    data = recipe.config["data"].as_dict()
+    data["features"] = FeatureConfig(**data["features"])
+    data = LabelledDataModule(**data)
 
     counts = data.split_clips()
 

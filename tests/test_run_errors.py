@@ -455,7 +455,7 @@ def test_fine_tuning_into_a_folder_that_cannot_be_written_says_so_in_one_line(
 
 
 def test_embed_export_and_label_efficiency_into_an_unwritable_folder_say_so_in_one_line(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], sample_wav: Path
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], sample_wav: Path
 ) -> None:
     encoder = tmp_path / "encoder.pt"
     EncoderFile(AudioEncoder(EncoderConfig(**SMALL, input_frames=64)), None).save(encoder)
@@ -464,7 +464,9 @@ def test_embed_export_and_label_efficiency_into_an_unwritable_folder_say_so_in_o
 
     assert embed_main([str(sample_wav), "--ckpt", str(encoder), "--out", str(out)]) == 2
     assert export_main([str(encoder), str(out / "encoder.pt")]) == 2
-    argv = ["--shards", str(tmp_path), "--encoder", str(encoder), "--out", str(out)]
+    # valid shards and encoder: label-efficiency checks its output folder last
+    argv = ["--shards", str(subset_shards), "--encoder", str(encoder), "--out", str(out)]
+    argv += ["--labels-per-class", "1"]
     assert label_efficiency_main(argv) == 2
 
     lines = capfd.readouterr().err.strip().splitlines()
