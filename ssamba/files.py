@@ -10,7 +10,6 @@ the new one, never half of one; staging in the system temp folder and copying wo
         torch.save(payload, staged)
     atomic_write_text(out / "results.json", text)
     folder = writable_folder(out, "--out")            # or one line naming the option
-    path = fresh_path(out / "results.json")           # results-2.json when one is there
 """
 
 from __future__ import annotations
@@ -40,18 +39,6 @@ def writable_folder(folder: str | Path, what: str) -> Path:
         reason = error.strerror or type(error).__name__
         raise UnwritableError(f"{what} {path}: cannot write there ({reason})") from None
     return path
-
-
-def fresh_path(target: str | Path) -> Path:
-    """`target` when nothing is there yet, else `<stem>-<N><suffix>` beside it with the
-    first free N from 2, so a later run into the same folder keeps an earlier run's file."""
-    target = Path(target)
-    number = 2
-    candidate = target
-    while candidate.exists():
-        candidate = target.with_name(f"{target.stem}-{number}{target.suffix}")
-        number += 1
-    return candidate
 
 
 def _fsync_folder(folder: Path) -> None:

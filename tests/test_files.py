@@ -10,7 +10,6 @@ from ssamba.files import (
     UnwritableError,
     atomic_path,
     atomic_write_text,
-    fresh_path,
     writable_folder,
 )
 
@@ -41,18 +40,3 @@ def test_a_file_in_the_way_of_a_folder_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UnwritableError, match=r"^--out .*out/run: cannot write there"):
         writable_folder(blocker / "run", "--out")
     assert writable_folder(tmp_path / "fine", "--out").is_dir()
-
-
-def test_a_fresh_path_never_names_an_earlier_run_s_file(tmp_path: Path) -> None:
-    results = tmp_path / "results.json"
-    assert fresh_path(results) == results
-    atomic_write_text(fresh_path(results), "first")
-    atomic_write_text(fresh_path(results), "second")
-    atomic_write_text(fresh_path(results), "third")
-
-    written = {p.name: p.read_text() for p in tmp_path.iterdir()}
-    assert written == {
-        "results.json": "first",
-        "results-2.json": "second",
-        "results-3.json": "third",
-    }

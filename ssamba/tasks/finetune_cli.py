@@ -180,8 +180,7 @@ def new_run_folder(root: Path, number: int | None = None) -> Path:
     when another run took it meanwhile; created here (so two runs never share one)."""
     root.mkdir(parents=True, exist_ok=True)
     if number is None:
-        taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
-        number = max(taken, default=0) + 1
+        number = max(_numbers(root, "run-"), default=0) + 1
     while True:
         folder = root / f"run-{number}"
         try:
