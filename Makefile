@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --progress-bar off -e '.[dev,onnx,devsets]'
+	# X-ARES's encoder checker for tests/test_xares.py: the module needs only torch and
+	# loguru, so the suite's own dependencies (transformers, pandas, ...) stay out
+	$(PIP) install --progress-bar off --no-deps xares==0.1.3 loguru==0.7.3
 	touch $(STAMP)
 
 install: $(STAMP)  ## make .venv with torch 2.9.1 + torchaudio 2.9.1, ssamba (editable), onnx export

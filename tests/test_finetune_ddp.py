@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_finetune import FSDD, REPO, SMALL, fsdd_subset, results_of, run_options, save_encoder
+from test_pretrain import failure_report
 
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.tasks.cli_common import QUIET_NOTICES
@@ -50,7 +51,7 @@ def ddp_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     out = root / "finetune"
     options = [*run_options(shards, out), f"--model.init={encoder}", *DATA, *DDP]
     result = ssamba("finetune", "--config", str(FSDD), "--trainer.max_epochs=1", *options)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     return out, result.stderr
 
 
@@ -83,7 +84,7 @@ def test_test_scores_of_two_processes_equal_those_of_one(
 
     assert evaluate_main([*common, f"--out={tmp_path / 'one'}"]) == 0
     two = ssamba("evaluate", *common, *DDP, f"--out={tmp_path / 'two'}")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure_report(two.stderr)
 
     one_scores = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
     two_scores = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
@@ -103,7 +104,7 @@ def test_a_subset_too_small_for_every_process_fails_in_one_line_before_ddp_start
 
     result = ssamba("finetune", "--config", str(FSDD), encoder, *options, *too_big)
 
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 2, failure_report(result.stderr)
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1
     assert re.fullmatch(

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -376,6 +377,19 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
     """Wait for a run however busy the machine is (pytest-timeout guards against hangs)."""
     _, err = process.communicate()
     return process.returncode, err or ""
+
+
+def failure_report(stderr: str, tail: int = 3000) -> str:
+    """What a failed multi-process run printed, for an assertion message: each rank's
+    error lines first (the rank that failed first is not the one that printed last: the
+    others print the teardown its death caused), then the end of the output."""
+    errors = [
+        line
+        for line in stderr.splitlines()
+        if re.match(r"\[rank\d+\]:", line) and ("Error" in line or "error" in line)
+    ]
+    first = "\n".join(errors[:40])
+    return f"rank errors:\n{first}\n--- last {tail} characters:\n{stderr[-tail:]}"
 
 
 def recipe_args(shards: Path, out: Path, *extra: str) -> list[str]:

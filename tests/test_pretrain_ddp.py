@@ -22,6 +22,7 @@ import yaml
 from test_pretrain import (
     RECIPE,
     REPO,
+    failure_report,
     finish,
     load_ckpt,
     read_records,
@@ -77,7 +78,7 @@ def test_two_cpu_processes_with_lightning_ddp(fsdd_shards, tmp_path):
     )
     code, err = finish(run_pretrain(args, stderr=subprocess.PIPE))
 
-    assert code == 0, err[-3000:]
+    assert code == 0, failure_report(err)
     assert "distributed_backend=gloo" in err and "Starting with 2 processes" in err
     check_lockstep_on_different_clips(tmp_path / "fsdd_tiny_cpu" / "version_0")
 
@@ -100,7 +101,7 @@ def test_two_nodes_on_loopback_one_process_each(fsdd_shards, tmp_path):
     results = [finish(process) for process in nodes]
 
     for node, (code, err) in enumerate(results):
-        assert code == 0, f"node {node}: {err[-3000:]}"
+        assert code == 0, f"node {node}: {failure_report(err)}"
         assert f"GLOBAL_RANK: {node}, MEMBER: {node + 1}/{WORLD}" in err
     check_lockstep_on_different_clips(tmp_path / "fsdd_tiny_cpu" / "version_0")
 
@@ -134,7 +135,7 @@ def test_torchrun_script_runs_two_local_processes(fsdd_shards, tmp_path):
     options = distributed_args(fsdd_shards, tmp_path)[2:]  # without --config RECIPE
     result = run_script("torchrun.sh", [str(RECIPE), *options], env)
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     check_lockstep_on_different_clips(tmp_path / "fsdd_tiny_cpu" / "version_0")
 
 
@@ -154,7 +155,7 @@ def test_slurm_script_asks_for_requeue_and_passes_the_allocation_to_lightning(tm
     recipe = "recipes/pretrain/asli_tiny.yaml"
     result = run_script("slurm.sbatch", [recipe, "--print_config"], env, extra_bin=tmp_path)
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     config = yaml.safe_load(result.stdout)["trainer"]
     assert config["strategy"] == "ddp" and config["num_nodes"] == 2
     assert int(config["devices"]) == 4
