@@ -8,23 +8,25 @@ fine-tuned), or an encoder file. Formats:
   keeping the feature settings, labels, head and adapters that IN carries;
 - `hf`: the same as a Hugging Face-style folder OUT/ (`config.json` + `model.safetensors`,
   no pickle; `EncoderFile.save_pretrained`), which every ssamba command reads;
-- `exported-program`: `torch.export` of the encoder, saved with `torch.export.save`: fbank
-  features (batch, frames, mel_bins) in, the mean-pooled embedding (batch, dim) and the
-  tokens (batch, prefix + patches, dim) out; any batch size, the encoder's frame count.
-  Load it with `torch.export.load(OUT).module()`: it needs torch only, not ssamba or its
-  C++ kernels;
+- `exported-program`: `torch.export` of `ClipEmbedder`, saved with `torch.export.save`:
+  normalised fbank features (batch, frames, mel_bins) of clips of any length in, the clip
+  embedding (batch, dim) and the time-step embeddings (batch, steps, dim) out, as `ssamba
+  embed` computes them (windows of the encoder's frame count, one batch through the
+  encoder). Load it with `torch.export.load(OUT).module()`: it needs torch only, not
+  ssamba or its C++ kernels;
 - `onnx`: the same program as ONNX (needs `pip install 'ssamba[onnx]'`), checked with
-  onnxruntime.
+  onnxruntime; batch and frames are dynamic axes there too.
 
 The program is traced with the selective scan and the Mamba conv as ssamba's registered
 ops (`ssamba::selective_scan`, `ssamba::causal_conv1d_silu`), then those ops are
 decomposed into plain ATen ops (`scan_decomposition`, `conv_decomposition`), so the file
 runs wherever torch does. Before anything is written, the program's outputs are compared
-with the eager encoder's on random features; a file whose largest difference exceeds
-`TOLERANCE` is refused. `OUT.json` goes alongside: the complete input recipe (sample rate,
-DC removal, the Kaldi filterbank options, frames, padding rule, the normalisation
-`(x - mean) / (2 * std)` with its constants), where each time step of the tokens lies,
-and the input and output shapes; docs/export.md turns it into a few lines of torchaudio.
+with the eager `ClipEmbedder`'s on random features of several lengths and batch sizes
+(`check_shapes`); a file whose largest difference exceeds `TOLERANCE` is refused.
+`OUT.json` goes alongside: the complete input recipe (sample rate, DC removal, the Kaldi
+filterbank options, the normalisation `(x - mean) / (2 * std)` with its constants), where
+each time step lies, and the input and output shapes; docs/export.md turns it into a few
+lines of torchaudio.
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental import _config as fx_config
 
 from ssamba.embed import Windowing, trained_features
+from ssamba.embed.embedder import time_steps
 from ssamba.features import FbankConfig, kaldi_options
 from ssamba.files import writable_folder
 from ssamba.models.encoder import AudioEncoder
@@ -54,7 +58,7 @@ PROG = "ssamba export"
 FORMATS = ("encoder", "hf", "exported-program", "onnx")
 PROGRAM_FORMATS = ("exported-program", "onnx")
 TOLERANCE = 1e-4
-OUTPUTS = ("embedding", "tokens")
+OUTPUTS = ("embedding", "steps")
 EXAMPLE_BATCH = 2
 
 
@@ -118,17 +122,68 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- the program
-class Embedder(nn.Module):
-    """What an exported encoder computes: fbank (batch, frames, mel_bins) ->
-    (mean-pooled embedding (batch, dim), tokens (batch, prefix + patches, dim))."""
+class ClipEmbedder(nn.Module):
+    """What an exported encoder computes: `ssamba embed` on a clip of any length, from its
+    normalised features.
 
-    def __init__(self, encoder: AudioEncoder) -> None:
+    fbank (batch, frames, bins), frames >= 1 -> (embedding (batch, dim), steps (batch,
+    steps, dim)). The frames are cut into the windows `ssamba embed` uses (`Windowing`:
+    `window` frames every `hop`), the last one padded as the features pad a short clip
+    (`zeros`: the normalised value of 0; `floor`: each bin's minimum over the window's own
+    frames), and all windows go through the encoder as one batch, so the cost grows
+    linearly with the length. `steps` are the time patches (each the mean of its frequency
+    patches), window after window, up to the last one centred on the audio the frames
+    cover ((frames - 1) shifts + one frame length), at least one; `embedding` is their
+    mean: both equal `ssamba embed`'s steps and `--pool mean` for the same audio.
+    """
+
+    def __init__(self, encoder: AudioEncoder, features: FbankConfig) -> None:
         super().__init__()
         self.encoder = encoder
+        windowing = Windowing.for_encoder(encoder, features)
+        self.window, self.hop = windowing.window_frames, windowing.hop_frames
+        self.floor = features.pad == "floor"
+        self.pad_value = (0.0 - features.mean) / (2 * features.std)  # 0 in the feature domain
+        # Step k is kept while 2 * its centre < 2 * the covered duration, in samples:
+        # (2 k stride + patch - 1) shift + length < 2 (frames - 1) shift + 2 length,
+        # i.e. k Y < 2 shift frames + C. Integers only, so the count stays exact for a
+        # symbolic number of frames.
+        shift = windowing.shift_samples
+        length = round(windowing.sample_rate * windowing.length_ms / 1000)
+        self._shift2 = 2 * shift
+        self._per_step = 2 * windowing.stride_frames * shift  # Y
+        self._offset = length - (windowing.patch_frames + 1) * shift  # C
+
+    def kept_steps(self, frames: int) -> int:
+        """How many time steps are centred on the audio of `frames` frames (at least one)."""
+        reach = self._shift2 * frames + self._offset
+        return torch.sym_max(1, (reach + self._per_step - 1) // self._per_step)
 
     def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.encoder.forward_features(fbank)
-        return self.encoder.pool(tokens, "mean"), tokens
+        batch, frames, bins = fbank.shape
+        windows = (frames + self.hop - 1) // self.hop
+        total = (windows - 1) * self.hop + self.window
+        padded = F.pad(fbank, (0, 0, 0, total - frames), value=self.pad_value)
+        # (batch, windows, bins, window) -> (batch * windows, window, bins)
+        x = padded.unfold(1, self.window, self.hop).transpose(2, 3)
+        x = x.reshape(batch * windows, self.window, bins)
+        if self.floor:
+            position = torch.arange(windows, device=fbank.device)[:, None] * self.hop
+            real = (position + torch.arange(self.window, device=fbank.device)) < frames
+            real = real.repeat(batch, 1)[..., None]  # (batch * windows, window, 1)
+            floor = x.masked_fill(~real, float("inf")).amin(dim=1, keepdim=True)
+            x = torch.where(real, x, floor)
+        steps = time_steps(self.encoder, self.encoder.forward_features(x), "mean")
+        grid = self.encoder.grid[1]
+        steps = steps.reshape(batch, windows * grid, steps.shape[-1])
+        steps = steps[:, : torch.sym_min(self.kept_steps(frames), windows * grid)]
+        return steps.mean(dim=1), steps
+
+
+def check_shapes(window: int) -> tuple[tuple[int, int], ...]:
+    """(batch, frames) an exported program is checked at: the example it is traced at (two
+    and a half windows), one window alone, and clips shorter than a patch."""
+    return ((EXAMPLE_BATCH, window * 5 // 2), (1, window), (EXAMPLE_BATCH, 3))
 
 
 def export_program(
@@ -136,29 +191,33 @@ def export_program(
 ) -> tuple[Path, float]:
     """Write `bundle`'s encoder to `out` as `fmt` ("exported-program" | "onnx") and its sidecar.
 
-    Returns (out, largest absolute difference to the eager encoder). Raises ExportError,
-    leaving no file, when the export fails or its outputs differ by more than TOLERANCE.
+    Returns (out, largest absolute difference to the eager `ClipEmbedder` over the
+    `check_shapes`). Raises ExportError, leaving no file, when the export fails or its
+    outputs differ by more than TOLERANCE.
     """
     if fmt not in PROGRAM_FORMATS:
         raise ExportError(f"format: expected one of {PROGRAM_FORMATS}, got {fmt!r}")
-    encoder = bundle.encoder.eval()
-    cfg = encoder.cfg
+    model = ClipEmbedder(bundle.encoder.eval(), _inference_features(bundle)).eval()
     generator = torch.Generator().manual_seed(0)
-    fbank = torch.randn(EXAMPLE_BATCH, cfg.input_frames, cfg.num_mel_bins, generator=generator)
+    bins = bundle.encoder.cfg.num_mel_bins
+    inputs = [
+        torch.randn(batch, frames, bins, generator=generator)
+        for batch, frames in check_shapes(model.window)
+    ]
     with torch.no_grad():
-        expected = Embedder(encoder)(fbank)
-    program = export_encoder(encoder, fbank)
+        expected = [model(fbank) for fbank in inputs]
+    program = export_encoder(model, inputs[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside OUT and renamed once checked: a failed check leaves nothing behind.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ssamba-export-") as tmp:
         staged = Path(tmp) / out.name
         if fmt == "onnx":
-            _save_onnx(program, fbank, staged)
-            got = run_onnx(staged, fbank)
+            _save_onnx(program, inputs[0], staged)
+            run = onnx_runner(staged)
         else:
             torch.export.save(program, staged)
-            got = torch.export.load(staged).module()(fbank)
-        diff = max_abs_diff(expected, got)
+            run = torch.export.load(staged).module()
+        diff = max(max_abs_diff(e, run(x)) for e, x in zip(expected, inputs, strict=True))
         if not diff <= TOLERANCE:
             raise ExportError(
                 f"{out}: not written: the {fmt} outputs differ from the eager encoder's by "
@@ -169,24 +228,33 @@ def export_program(
     return out, diff
 
 
-def export_encoder(encoder: AudioEncoder, fbank: Tensor) -> torch.export.ExportedProgram:
-    """`torch.export` of `Embedder(encoder)` with a dynamic batch, in core ATen ops only.
+def export_encoder(model: ClipEmbedder, fbank: Tensor) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` with a free batch and number of frames, ssamba's own ops
+    decomposed into ATen ops.
 
-    fbank: an example input (batch >= 2, so the batch dimension can stay symbolic).
+    fbank: an example input: batch >= 2 and more than one window, so that neither
+    dimension is specialised to 1.
     """
-    batch = torch.export.Dim("batch", min=1)
-    with _registered_ops(encoder):
+    dims = ({0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("frames", min=1)},)
+    # Size-oblivious tracing: no guard that a size is not 1 (one window, batch 1); what the
+    # symbolic maths cannot prove (the kept steps fit the windows) becomes a check run with
+    # the program, not a refusal to export.
+    with _registered_ops(model.encoder), fx_config.patch(backed_size_oblivious=True):
         program = torch.export.export(
-            Embedder(encoder), (fbank,), dynamic_shapes=({0: batch},), strict=False
+            model,
+            (fbank,),
+            dynamic_shapes=dims,
+            strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
         )
-    # Only ssamba's ops: the rest stays the ATen ops the encoder called (a smaller graph,
-    # and much faster than decomposing everything to core ATen).
-    program = program.run_decompositions(
-        {
-            torch.ops.ssamba.selective_scan.default: scan_decomposition,
-            torch.ops.ssamba.causal_conv1d_silu.default: conv_decomposition,
-        }
-    )
+        # Only ssamba's ops: the rest stays the ATen ops the encoder called (a smaller
+        # graph, and much faster than decomposing everything to core ATen).
+        program = program.run_decompositions(
+            {
+                torch.ops.ssamba.selective_scan.default: scan_decomposition,
+                torch.ops.ssamba.causal_conv1d_silu.default: conv_decomposition,
+            }
+        )
     left = sorted(
         {
             str(node.target)
@@ -221,6 +289,11 @@ def _registered_ops(encoder: AudioEncoder) -> Iterator[None]:
             os.environ["SSAMBA_SCAN"] = scan
 
 
+# Time steps per chunk of `scan_decomposition`: 6-8 measured fastest on a 2-core CPU for
+# 513 tokens (docs/export.md).
+SCAN_CHUNK = 8
+
+
 def scan_decomposition(
     u: Tensor,
     delta: Tensor,
@@ -233,42 +306,63 @@ def scan_decomposition(
     delta_softplus: bool,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`ssamba::selective_scan` in ATen ops: the recurrence h_t = a_t h_{t-1} + b_t as a
-    Hillis-Steele scan, log2(length) steps of (a, b) <- (a a_shifted, b + a b_shifted).
+    """`ssamba::selective_scan` in ATen ops, as a chunked scan of h_t = a_t h_{t-1} + b_t.
 
-    A loop over time would trace into `length` copies of the step; this graph has
-    ~6 log2(length) nodes. Every product is of decays in (0, 1]: nothing overflows.
+    The (static) length is cut into chunks of SCAN_CHUNK steps: a loop over the steps of a
+    chunk runs all chunks at once from a zero state; the decay from each chunk's start is
+    exp(cumsum(dt A)) (sums of non-positive terms: nothing overflows); a log-depth scan over
+    the chunks' ends gives the state entering each; h = local state + decay * entering
+    state. About 4x faster than a log-depth scan over the whole length here (it touches
+    every step log2(length) times), still far slower than the fused C++ kernel.
     Memory: a few (batch, dim, length, d_state) tensors. Returns (out, last state, the
     op's chunk states as zeros: only its backward reads them).
     """
     from ssamba.models.scan import CHUNK
 
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    length = u.shape[-1]
+    batch, dim, length = u.shape
+    n, step = A.shape[1], SCAN_CHUNK
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     dt = (F.softplus(delta) if delta_softplus else delta).to(dtype)
-    time_first = [u.to(dtype), dt, B.to(dtype), C.to(dtype)] + ([z] if z is not None else [])
+    time_last = [u.to(dtype), dt, B.to(dtype), C.to(dtype)] + ([z] if z is not None else [])
     if reverse:
-        time_first = [t.flip(-1) for t in time_first]
-    u_, dt, B_, C_ = time_first[:4]
-    a = torch.exp(dt[..., None] * A.to(dtype)[:, None, :])  # (batch, dim, length, d_state)
-    b = (dt * u_)[..., None] * B_.transpose(1, 2)[:, None]
-    step = 1
-    while step < length:
-        b = b + a * F.pad(b, (0, 0, step, 0))[:, :, :length]
-        a = a * F.pad(a, (0, 0, step, 0), value=1.0)[:, :, :length]
-        step *= 2
-    y = (b * C_.transpose(1, 2)[:, None]).sum(-1)  # (batch, dim, length)
+        time_last = [t.flip(-1) for t in time_last]
+    u_, dt, B_, C_ = time_last[:4]
+    chunks = -(-length // step)
+    pad = chunks * step - length  # padded steps have dt = 0: a = 1, b = 0
+
+    def chunked(t: Tensor) -> Tensor:  # (batch, rows, length) -> (batch, rows, chunks, step)
+        return F.pad(t, (0, pad)).view(t.shape[0], t.shape[1], chunks, step)
+
+    dA = chunked(dt)[..., None] * A.to(dtype)[:, None, None, :]  # (batch, dim, chunks, step, n)
+    a = torch.exp(dA)
+    b = chunked(dt * u_)[..., None] * chunked(B_).permute(0, 2, 3, 1)[:, None]
+    states = [b[:, :, :, 0]]
+    for i in range(1, step):
+        states.append(a[:, :, :, i] * states[-1] + b[:, :, :, i])
+    local = torch.stack(states, 3)  # from a zero state at each chunk's start
+    decay = torch.exp(torch.cumsum(dA, 3))  # from each chunk's start
+    # the state at each chunk's end, by a log-depth scan over the chunks' (decay, state)
+    carry, ends = decay[:, :, :, -1], local[:, :, :, -1]  # (batch, dim, chunks, n)
+    shift = 1
+    while shift < chunks:
+        ends = ends + carry * F.pad(ends, (0, 0, shift, 0))[:, :, :chunks]
+        carry = carry * F.pad(carry, (0, 0, shift, 0), value=1.0)[:, :, :chunks]
+        shift *= 2
+    entering = F.pad(ends, (0, 0, 1, 0))[:, :, :chunks, None]  # zero into the first chunk
+    h = local + decay * entering  # (batch, dim, chunks, step, n)
+    y = (h * chunked(C_).permute(0, 2, 3, 1)[:, None]).sum(-1)
+    y = y.reshape(batch, dim, chunks * step)[..., :length]
     if D is not None:
         y = y + D.to(dtype)[:, None] * u_
     if z is not None:
-        y = y * F.silu(time_first[4].to(dtype))
+        y = y * F.silu(time_last[4].to(dtype))
     if reverse:
         y = y.flip(-1)
-    batch, dim = u.shape[:2]
-    chunks = u.new_zeros(batch, max(1, -(-length // CHUNK)), A.shape[1], dim, dtype=dtype)
-    return y.to(u.dtype), b[:, :, -1].to(u.dtype), chunks
+    last = h[:, :, -1, step - 1 - pad]
+    chunk_states = u.new_zeros(batch, max(1, -(-length // CHUNK)), n, dim, dtype=dtype)
+    return y.to(u.dtype), last.to(u.dtype), chunk_states
 
 
 def conv_decomposition(x: Tensor, weight: Tensor, bias: Tensor | None, look_ahead: bool) -> Tensor:
@@ -301,8 +395,8 @@ def _save_onnx(program: torch.export.ExportedProgram, fbank: Tensor, path: Path)
         ) from None
 
 
-def run_onnx(path: Path, fbank: Tensor) -> tuple[Tensor, ...]:
-    """The ONNX model's outputs on `fbank`, with onnxruntime on CPU."""
+def onnx_runner(path: Path) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """fbank -> the ONNX model's outputs, with onnxruntime on CPU."""
     try:
         import onnxruntime
     except ImportError:
@@ -311,8 +405,12 @@ def run_onnx(path: Path, fbank: Tensor) -> tuple[Tensor, ...]:
             "pip install 'ssamba[onnx]'"
         ) from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: fbank.numpy()})
-    return tuple(torch.from_numpy(o) for o in outputs)
+    name = session.get_inputs()[0].name
+
+    def run(fbank: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.from_numpy(o) for o in session.run(None, {name: fbank.numpy()}))
+
+    return run
 
 
 # --------------------------------------------------------------------------- checks, sidecar
@@ -335,7 +433,7 @@ def sidecar_path(path: Path) -> Path:
 
 def input_recipe(bundle: EncoderFile) -> dict[str, Any]:
     """How to compute the program's input from a waveform, step by step, with every
-    constant: what `ssamba embed` does for a clip of at most one window (docs/export.md)."""
+    constant (docs/export.md)."""
     cfg = bundle.encoder.cfg
     fbank = _inference_features(bundle)
     return {
@@ -344,14 +442,14 @@ def input_recipe(bundle: EncoderFile) -> dict[str, Any]:
         "steps": [
             "remove DC: subtract the waveform's mean",
             f"torchaudio.compliance.kaldi.{fbank.kind}(wave[None], **kaldi) -> (frames, "
-            f"{fbank.feature_dim})",
-            f"pad or cut to {cfg.input_frames} frames (padding rule below; a longer clip: "
-            "keep the first frames, or cut it into windows as `ssamba embed` does)",
+            f"{fbank.feature_dim}), every frame of the clip",
             "normalise: (x - mean) / (2 * std)",
+            f"the program cuts windows of {cfg.input_frames} frames and pads the last "
+            "(padding rule below) itself",
         ],
         "features": fbank.kind,
         "kaldi": kaldi_options(fbank),
-        "frames": cfg.input_frames,
+        "window_frames": cfg.input_frames,
         "padding": fbank.pad,
         "padding_rule": PADDING_RULES[fbank.pad],
         "normalisation": {
@@ -378,38 +476,34 @@ PADDING_RULES = {
 }
 
 
-def time_steps(bundle: EncoderFile) -> dict[str, Any]:
-    """Where each time step of the tokens lies, to pool only steps inside a short clip as
-    `ssamba embed` does: patch tokens are frequency-major (index = f * T + t)."""
-    encoder = bundle.encoder
-    windowing = Windowing.for_encoder(encoder, _inference_features(bundle))
-    first = torch.arange(encoder.grid[1]) * windowing.stride_frames
+def step_layout(bundle: EncoderFile) -> dict[str, Any]:
+    """Where the program's time steps lie: one per time patch, windows one after another."""
+    windowing = Windowing.for_encoder(bundle.encoder, _inference_features(bundle))
+    patch, stride = windowing.patch_frames, windowing.stride_frames
+    shift, length = windowing.shift_ms, windowing.length_ms
     return {
-        "prefix_tokens": {"count": encoder.cfg.prefix_tokens, "start": encoder.prefix_start},
-        "grid": list(encoder.grid),
-        "centres_ms": windowing.centre_ms(first).tolist(),
-        "rule": "a clip's embedding averages the time steps whose centre is before the "
-        "clip's end (at least the first), each the mean of its frequency patches",
+        "stride_frames": stride,
+        "centre_ms": f"({stride} k + {(patch - 1) / 2:g}) * {shift:g} + {length / 2:g}",
+        "kept": "the steps centred before the end of the audio the frames cover "
+        f"((frames - 1) * {shift:g} + {length:g} ms), at least one",
+        "embedding": "the mean of the kept steps; each step is the mean of its frequency patches",
     }
 
 
 def _sidecar(bundle: EncoderFile, fmt: str, diff: float) -> dict:
     cfg = bundle.encoder.cfg
-    tokens = cfg.prefix_tokens + bundle.encoder.num_patches
     return {
         "format": fmt,
         "input": {
             "name": "fbank",
-            "shape": ["batch", cfg.input_frames, cfg.num_mel_bins],
+            "shape": ["batch", "frames", cfg.num_mel_bins],
             "recipe": input_recipe(bundle),
         },
         "outputs": {
             "embedding": ["batch", cfg.embed_dim],
-            "tokens": ["batch", tokens, cfg.embed_dim],
+            "steps": ["batch", "steps", cfg.embed_dim],
         },
-        "pooling": "mean of the patch tokens",
-        "time_steps": time_steps(bundle),
-        "prefix_tokens": {"count": cfg.prefix_tokens, "start": bundle.encoder.prefix_start},
+        "time_steps": step_layout(bundle),
         "features": None if bundle.features is None else bundle.features.for_inference().to_dict(),
         "encoder": cfg.to_dict(),
         "labels": bundle.labels,
