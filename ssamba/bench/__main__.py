@@ -15,7 +15,8 @@ BENCHMARKS = {
     "data": "decode + fbank throughput per worker on 10 s clips",
     "train": "pretraining steps/s, ssamba-tiny vs ssast-tiny at 512 tokens",
     "fta": "factorized time/frequency attention vs full attention: FLOPs and time vs grid",
-    "export": "exported program and onnxruntime vs eager at 10 s and 10 min (4 x 64 encoder)",
+    "export": "exported program and onnxruntime vs eager at 10 s and 10 min, export time and "
+    "memory (4 x 64 encoder; SSAMBA-tiny too without --quick)",
     "efficiency": "tiny ssamba/aum/ssast (sdpa, naive, fta): time + peak memory vs tokens "
     "512..32k, inference and training; CSV, markdown, plot (over an hour: not in `all`)",
 }
