@@ -62,13 +62,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
 from ssamba.files import UnwritableError, writable_folder
+from ssamba.models.encoder import Pooling
 from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.probe import linear_probe
 
@@ -211,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-lr", type=float, default=FinetuneSettings.lr)
     parser.add_argument(
         "--pooling",
-        choices=("mean", "stats", "cls"),
+        choices=get_args(Pooling),
         default="mean",
         help="how probes and fine-tunes pool the patch tokens: their mean, their mean and "
-        "standard deviation ('stats'), or the cls token",
+        "standard deviation ('stats'), those of each frequency band side by side "
+        "('band-stats'), or the cls token",
     )
     parser.add_argument(
         "--ignore-padding",

@@ -194,6 +194,32 @@ def test_statistics_pooling_is_mean_and_deviation_and_ignores_what_padding_holds
     assert torch.isfinite(one.grad).all()
 
 
+def test_band_statistics_pool_each_frequency_band_over_time_and_ignore_padding():
+    encoder = small("ssamba", input_frames=64)  # 8 bands x 4 time steps, width 32
+    tokens = torch.randn(3, 1 + 32, 32)
+    bands = encoder.patch_tokens(tokens).view(3, 8, 4, 32)  # frequency-major
+
+    pooled = encoder.pool(tokens, "band-stats")
+
+    assert pooled.shape == (3, 8 * 64) == (3, encoder.pooled_dim("band-stats"))
+    per_band = pooled.view(3, 8, 64)
+    torch.testing.assert_close(per_band[:, :, :32], bands.mean(dim=2))
+    torch.testing.assert_close(per_band[:, :, 32:], bands.std(dim=2, unbiased=False))
+    # swapping two bands swaps their blocks: which band holds what is kept
+    swapped = torch.cat([tokens[:, :1], bands[:, [1, 0, *range(2, 8)]].flatten(1, 2)], dim=1)
+    moved = encoder.pool(swapped, "band-stats").view(3, 8, 64)
+    torch.testing.assert_close(moved[:, [1, 0]], per_band[:, :2])
+    # with the clip's own columns kept, padding columns change nothing
+    own = encoder.clip_patches(torch.tensor([64, 40, 16]))
+    kept = encoder.pool(tokens, "band-stats", own)
+    noisy = tokens.clone()
+    noisy[:, 1:][~own] = 100 * torch.randn(int((~own).sum()), 32)
+    torch.testing.assert_close(encoder.pool(noisy, "band-stats", own), kept)
+    mine = bands[1, :, :3]  # clip 1 holds 3 of the 4 columns
+    expected = torch.cat([mine.mean(1), mine.std(1, unbiased=False)], dim=-1).flatten()
+    torch.testing.assert_close(kept[1], expected)
+
+
 def test_resize_to_shorter_input_crops_position_grid_around_the_centre():
     encoder = small("ssamba", input_frames=1024)
     old = encoder.pos_embed.detach().clone()

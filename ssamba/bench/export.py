@@ -8,7 +8,8 @@ any length, so every runner gets the whole clip's features in one call, (1, fram
 eager is `ssamba.export.ClipEmbedder` (what the files hold, run by ssamba with its C++
 kernels), the others the files. 10 s is one window, 10 minutes 59 windows in one batch.
 Times are medians (random normalised features: the time does not depend on the values);
-ratios are exported / eager, under 1 = faster.
+ratios are exported / eager, under 1 = faster; `*_max_diff` the largest difference of a
+file's outputs (embedding and steps) from eager's on the same input.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ssamba.bench.report import in_fresh_process, median_seconds, peak_rss_bytes
-from ssamba.export import ClipEmbedder, export_program, onnx_runner
+from ssamba.export import ClipEmbedder, export_program, max_abs_diff, onnx_runner
 from ssamba.features import FbankConfig
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
@@ -56,6 +57,8 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
                     name: 1000 * median_seconds(lambda r=runner, x=fbank: _no_grad(r, x), repeats)
                     for name, runner in runners.items()
                 }
+                with torch.inference_mode():
+                    outputs = {name: runner(fbank) for name, runner in runners.items()}
                 rows.append(
                     {
                         "model": model,
@@ -66,6 +69,10 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
                         "exported_ratio": ms["exported-program"] / ms["eager"],
                         "onnx_ms": ms["onnx"],
                         "onnx_ratio": ms["onnx"] / ms["eager"],
+                        "exported_max_diff": max_abs_diff(
+                            outputs["eager"], outputs["exported-program"]
+                        ),
+                        "onnx_max_diff": max_abs_diff(outputs["eager"], outputs["onnx"]),
                         "export_s": exports["exported-program"]["seconds"],
                         "export_peak_mb": exports["exported-program"]["peak_mb"],
                         "onnx_export_s": exports["onnx"]["seconds"],

@@ -36,7 +36,7 @@ from ssamba.models.transformer import ATTENTION_IMPLS, AttentionImpl, Transforme
 
 Family = Literal["ssamba", "ssast", "aum"]
 FAMILIES = ("ssamba", "ssast", "aum")
-Pooling = Literal["mean", "cls", "stats"]
+Pooling = Literal["mean", "cls", "stats", "band-stats"]
 # The published sizes: Vim/SSAMBA/AuM use DeiT's widths.
 SIZES = {"tiny": 192, "small": 384, "base": 768}
 
@@ -375,20 +375,31 @@ class AudioEncoder(nn.Module):
         "mean": average of the patch tokens (SSAMBA/SSAST `ft_avgtok`), or with `keep`
         (batch, num_patches) bool, of the kept ones only (`clip_patches`: padding left
         out); "stats": their mean and standard deviation side by side (2 * dim), with
-        `keep` likewise; "cls": the prefix token, or the average of cls and dist for SSAST
-        (its `ft_cls`).
+        `keep` likewise; "band-stats": "stats" of each frequency band's tokens over time,
+        the bands side by side, lowest first (2 * bands * dim: averaging over bands loses
+        which band holds what, which a filterbank's per-bin statistics keep); "cls": the
+        prefix token, or the average of cls and dist for SSAST (its `ft_cls`).
         """
         if how == "mean":
             return mean_of_patches(self.patch_tokens(tokens), keep)
         if how == "stats":
             return stats_of_patches(self.patch_tokens(tokens), keep)
+        if how == "band-stats":
+            bands, steps = self.grid
+            grid = self.patch_tokens(tokens).unflatten(1, (bands, steps))  # frequency-major
+            rows = grid.flatten(0, 1)  # (batch * bands, steps, dim)
+            keep = None if keep is None else keep.unflatten(1, (bands, steps)).flatten(0, 1)
+            return stats_of_patches(rows, keep).view(len(tokens), -1)
         if how == "cls":
             start = self.prefix_start
             return tokens[:, start : start + self.cfg.prefix_tokens].mean(dim=1)
-        raise ValueError(f"pool: expected 'mean', 'stats' or 'cls', got {how!r}")
+        raise ValueError(f"pool: expected 'mean', 'stats', 'band-stats' or 'cls', got {how!r}")
 
     def pooled_dim(self, how: Pooling = "mean") -> int:
-        """Width of `pool(tokens, how)`: the embedding width, twice it for "stats"."""
+        """Width of `pool(tokens, how)`: the embedding width, twice it for "stats",
+        2 * frequency bands times it for "band-stats"."""
+        if how == "band-stats":
+            return 2 * self.grid[0] * self.embed_dim
         return 2 * self.embed_dim if how == "stats" else self.embed_dim
 
     def clip_columns(self, frames: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from ssamba.models.adapters import (
     save_adapter_file,
     weights_sha256,
 )
-from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder import AudioEncoder, EncoderConfig, Pooling
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.tasks import say
 from ssamba.tasks.callbacks import EpochWeightAveraging
@@ -102,7 +102,7 @@ class ClassifyTask(LightningModule):
         encoder: EncoderConfig | None = None,
         input_frames: int | None = None,
         stride: int | list[int] | None = None,
-        pooling: Literal["mean", "stats", "cls"] = "mean",
+        pooling: Pooling = "mean",
         ignore_padding: bool = False,
         mode: Literal["finetune", "linear", "adapter"] = "finetune",
         adapter: AdapterConfig | None = None,
@@ -136,9 +136,10 @@ class ClassifyTask(LightningModule):
             stride: Patch stride (int or [freq, time]); 10 gives the originals' overlapping
                 fine-tuning patches. Conv weights are kept; the position embedding is resized.
             pooling: "mean" over patch tokens (the originals' ft_avgtok), "stats" (their
-                mean and standard deviation side by side: a head twice as wide) or the
+                mean and standard deviation side by side: a head twice as wide),
+                "band-stats" (those of each frequency band, bands side by side) or the
                 "cls" token.
-            ignore_padding: "mean" and "stats" read only the patches that hold the clip's own
+            ignore_padding: "mean", "stats" and "band-stats" read only the patches that hold the clip's own
                 frames (the batch's `frames`), not the padding of clips shorter than the
                 window. False (the originals): every patch.
             mode: "finetune" trains everything; "linear" freezes the encoder (eval mode,
