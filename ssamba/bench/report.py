@@ -37,7 +37,18 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set size (ru_maxrss is KiB on Linux)."""
+    """High-water mark of this process's resident set size.
+
+    Linux's VmHWM, which starts afresh with the process's own program; `ru_maxrss` (the
+    fallback elsewhere, KiB) keeps the size of the process that forked it, so a spawned
+    worker of a large parent would report the parent's memory as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
