@@ -161,7 +161,9 @@ class ClipEmbedder(nn.Module):
 
     def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
         batch, frames, bins = fbank.shape
-        windows = (frames + self.hop - 1) // self.hop
+        # as `Windowing.plan`: one window, and one more per hop (or part) beyond it
+        beyond = torch.sym_max(frames, self.window) - self.window
+        windows = 1 + (beyond + self.hop - 1) // self.hop
         total = (windows - 1) * self.hop + self.window
         padded = F.pad(fbank, (0, 0, 0, total - frames), value=self.pad_value)
         # (batch, windows, bins, window) -> (batch * windows, window, bins)
@@ -485,6 +487,7 @@ def step_layout(bundle: EncoderFile) -> dict[str, Any]:
     patch, stride = windowing.patch_frames, windowing.stride_frames
     shift, length = windowing.shift_ms, windowing.length_ms
     return {
+        "hop_frames": windowing.hop_frames,  # window starts: frames 0, hop, 2 hop, ...
         "stride_frames": stride,
         "centre_ms": f"({stride} k + {(patch - 1) / 2:g}) * {shift:g} + {length / 2:g}",
         "kept": "the steps centred before the end of the audio the frames cover "

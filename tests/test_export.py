@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from ssamba.export import (
     onnx_runner,
     scan_decomposition,
 )
-from ssamba.features import FbankConfig
-from ssamba.models.encoder_file import load_encoder_file
+from ssamba.features import FbankConfig, clip_features
+from ssamba.models.encoder import AudioEncoder, EncoderConfig
+from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.models.scan import selective_scan_ref
 from tests._encoder_files import INPUT_FRAMES, write_small_encoder
 
@@ -200,3 +202,26 @@ def test_the_docs_torchaudio_recipe_and_the_exported_file_equal_ssamba_embed(
     torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-5)
     # whole-clip features against a window's own (its DC, its float sums): 1e-5 apart
     torch.testing.assert_close(steps, expected_steps, atol=1e-4, rtol=1e-4)
+
+
+def test_overlapping_windows_give_the_steps_ssamba_embed_gives(tmp_path, sample_wav):
+    """16 x 16 patches every 10 frames: 25 steps span 250 of a window's 256 frames, so
+    windows start every 250 frames and overlap."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig.preset(
+        "ssamba", "tiny", embed_dim=32, depth=2, input_frames=INPUT_FRAMES, stride=[16, 10]
+    )
+    features = FbankConfig(target_length=INPUT_FRAMES)
+    source = EncoderFile(AudioEncoder(cfg).eval(), features).save(tmp_path / "encoder.pt")
+    wave, _ = load_audio(sample_wav)
+    wave = wave[: 16000 * 7]  # 698 frames: windows at 0, 250 and 500
+    fbank = clip_features(wave, 16000, replace(features, target_length=None), train=False)
+
+    with torch.no_grad():
+        encoder = load_encoder_file(source).encoder.eval()
+        embedding, steps = ClipEmbedder(encoder, features)(fbank[None])
+
+    expected = Embedder.from_file(source).embed(wave[None])
+    assert steps.shape[1] == len(expected.times_ms) == 70  # every 100 ms from 87.5 ms
+    torch.testing.assert_close(steps[0], expected.steps[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embedding, expected.pooled(0, "mean"), atol=1e-4, rtol=1e-4)
