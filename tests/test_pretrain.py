@@ -386,7 +386,7 @@ def failure_report(stderr: str, tail: int = 3000) -> str:
     errors = [
         line
         for line in stderr.splitlines()
-        if re.match(r"\[rank\d+\]:", line) and ("Error" in line or "error" in line)
+        if re.match(r"\[rank\d+\]:", line) and "error" in line.lower()
     ]
     first = "\n".join(errors[:40])
     return f"rank errors:\n{first}\n--- last {tail} characters:\n{stderr[-tail:]}"

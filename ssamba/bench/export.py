@@ -53,12 +53,14 @@ def run(out_dir: Path, quick: bool) -> list[dict]:
             for seconds in SECONDS[:1] if quick else SECONDS:
                 fbank = torch.randn(1, seconds * FRAMES_PER_SECOND, BINS)
                 repeats = 1 if quick or seconds > 60 else 3
-                ms = {
-                    name: 1000 * median_seconds(lambda r=runner, x=fbank: _no_grad(r, x), repeats)
-                    for name, runner in runners.items()
-                }
+                # the outputs compared below are each runner's warm-up call
                 with torch.inference_mode():
                     outputs = {name: runner(fbank) for name, runner in runners.items()}
+                ms = {
+                    name: 1000
+                    * median_seconds(lambda r=runner, x=fbank: _no_grad(r, x), repeats, warmup=0)
+                    for name, runner in runners.items()
+                }
                 rows.append(
                     {
                         "model": model,

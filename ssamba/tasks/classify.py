@@ -139,9 +139,9 @@ class ClassifyTask(LightningModule):
                 mean and standard deviation side by side: a head twice as wide),
                 "band-stats" (those of each frequency band, bands side by side) or the
                 "cls" token.
-            ignore_padding: "mean", "stats" and "band-stats" read only the patches that hold the clip's own
-                frames (the batch's `frames`), not the padding of clips shorter than the
-                window. False (the originals): every patch.
+            ignore_padding: "mean", "stats" and "band-stats" read only the patches that
+                hold the clip's own frames (the batch's `frames`), not the padding of clips
+                shorter than the window. False (the originals): every patch.
             mode: "finetune" trains everything; "linear" freezes the encoder (eval mode,
                 no gradients) and trains only the head; "adapter" freezes it too and
                 trains the adapters of `adapter` and the head.
