@@ -20,7 +20,10 @@ fine-tuned), or an encoder file. Formats:
 The program is traced with the selective scan and the Mamba conv as ssamba's registered
 ops (`ssamba::selective_scan`, `ssamba::causal_conv1d_silu`), then those ops are
 decomposed into plain ATen ops (`scan_decomposition`, `conv_decomposition`), so the file
-runs wherever torch does. Before anything is written, the program's outputs are compared
+runs wherever torch does, 6-48x slower than eager (docs/export.md). `--keep-kernels`
+(exported-program only) keeps ssamba's fused C++ Mamba mixer (`ssamba::mamba_inner`) in
+the program instead: eager's speed, but the file loads only where `import ssamba.models`
+has registered that op. Before anything is written, the program's outputs are compared
 with the eager `ClipEmbedder`'s on random features of several lengths and batch sizes
 (`check_shapes`); a file whose largest difference exceeds `TOLERANCE` is refused.
 `OUT.json` goes alongside: the complete input recipe (sample rate, DC removal, the Kaldi
@@ -82,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model.safetensors; exported-program: torch.export program; onnx: ONNX model",
     )
     parser.add_argument(
+        "--keep-kernels",
+        action="store_true",
+        help="exported-program only: keep ssamba's fused C++ Mamba mixer in the program "
+        "(eager speed; loading the file then needs `import ssamba.models`) instead of "
+        "decomposing it into torch ops (runs with torch alone, 6-48x slower)",
+    )
+    parser.add_argument(
         "--source-stride",
         type=int,
         default=None,
@@ -99,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.resolve() == args.checkpoint.resolve():
             raise ValueError(f"{args.out}: the output would overwrite the input")
         bundle.provenance.setdefault("source", str(args.checkpoint))
+        if args.keep_kernels and args.format != "exported-program":
+            raise ExportError(
+                f"--keep-kernels: only --format exported-program can hold ssamba's kernels, "
+                f"not {args.format}"
+            )
         if args.format == "encoder":
             path = bundle.save(args.out)
             print(f"{path}: {bundle.describe()}")
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             path = bundle.save_pretrained(args.out)
             print(f"{path}/: config.json + model.safetensors of the {bundle.describe()}")
         else:
-            path, diff = export_program(bundle, args.out, args.format)
+            path, diff = export_program(bundle, args.out, args.format, args.keep_kernels)
             print(f"{path}: {args.format} of the {bundle.describe()}")
             print(f"checked against the eager encoder: max abs diff {diff:.2e} (<= {TOLERANCE:g})")
             print(f"{sidecar_path(path)}: feature settings and input/output shapes")
@@ -189,16 +204,19 @@ def check_shapes(window: int) -> tuple[tuple[int, int], ...]:
 
 
 def export_program(
-    bundle: EncoderFile, out: Path, fmt: str = "exported-program"
+    bundle: EncoderFile, out: Path, fmt: str = "exported-program", keep_kernels: bool = False
 ) -> tuple[Path, float]:
     """Write `bundle`'s encoder to `out` as `fmt` ("exported-program" | "onnx") and its sidecar.
 
-    Returns (out, largest absolute difference to the eager `ClipEmbedder` over the
-    `check_shapes`). Raises ExportError, leaving no file, when the export fails or its
-    outputs differ by more than TOLERANCE.
+    keep_kernels: keep ssamba's fused C++ mixer op in the program (exported-program only;
+    see `export_encoder`). Returns (out, largest absolute difference to the eager
+    `ClipEmbedder` over the `check_shapes`). Raises ExportError, leaving no file, when the
+    export fails or its outputs differ by more than TOLERANCE.
     """
     if fmt not in PROGRAM_FORMATS:
         raise ExportError(f"format: expected one of {PROGRAM_FORMATS}, got {fmt!r}")
+    if keep_kernels and fmt != "exported-program":
+        raise ExportError(f"keep_kernels: {fmt} files cannot hold ssamba's kernels")
     model = ClipEmbedder(bundle.encoder.eval(), _inference_features(bundle)).eval()
     generator = torch.Generator().manual_seed(0)
     bins = bundle.encoder.cfg.num_mel_bins
@@ -208,7 +226,7 @@ def export_program(
     ]
     with torch.no_grad():
         expected = [model(fbank) for fbank in inputs]
-    program = export_encoder(model, inputs[0])
+    program = export_encoder(model, inputs[0], keep_kernels)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside OUT and renamed once checked: a failed check leaves nothing behind.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ssamba-export-") as tmp:
@@ -229,22 +247,33 @@ def export_program(
                 f"{diff:.2e} (> {TOLERANCE:g})"
             )
         os.replace(staged, out)
-    sidecar_path(out).write_text(json.dumps(_sidecar(bundle, fmt, diff), indent=2) + "\n")
+    sidecar = _sidecar(bundle, fmt, diff, ssamba_ops(program))
+    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out, diff
 
 
-def export_encoder(model: ClipEmbedder, fbank: Tensor) -> torch.export.ExportedProgram:
-    """`torch.export` of `model` with a free batch and number of frames, ssamba's own ops
-    decomposed into ATen ops.
+def export_encoder(
+    model: ClipEmbedder, fbank: Tensor, keep_kernels: bool = False
+) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` with a free batch and number of frames.
 
-    fbank: an example input: batch >= 2 and more than one window, so that neither
-    dimension is specialised to 1.
+    By default the Mamba mixers are traced through ssamba's scan and conv ops, which are
+    then decomposed into ATen ops: the program needs torch only. With `keep_kernels` they
+    are traced through eager's fused C++ mixer op (`ssamba::mamba_inner`), which stays in
+    the program: eager's speed, and loading needs that op registered (`import
+    ssamba.models`). fbank: an example input: batch >= 2 and more than one window, so
+    that neither dimension is specialised to 1.
     """
     dims = ({0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("frames", min=1)},)
     # Size-oblivious tracing: no guard that a size is not 1 (one window, batch 1); what the
     # symbolic maths cannot prove (the kept steps fit the windows) becomes a check run with
-    # the program, not a refusal to export.
-    with _registered_ops(model.encoder), fx_config.patch(backed_size_oblivious=True):
+    # the program, not a refusal to export. No autograd: the fused op then keeps nothing
+    # for a backward (its `save` argument is traced as False).
+    with (
+        _mixers_on_cpp_kernels(model.encoder, fused=keep_kernels),
+        fx_config.patch(backed_size_oblivious=True),
+        torch.no_grad(),
+    ):
         program = torch.export.export(
             model,
             (fbank,),
@@ -252,6 +281,8 @@ def export_encoder(model: ClipEmbedder, fbank: Tensor) -> torch.export.ExportedP
             strict=False,
             prefer_deferred_runtime_asserts_over_guards=True,
         )
+        if keep_kernels:
+            return program
         # Only ssamba's ops: the rest stays the ATen ops the encoder called (a smaller
         # graph, and much faster than decomposing everything to core ATen).
         program = program.run_decompositions(
@@ -260,29 +291,34 @@ def export_encoder(model: ClipEmbedder, fbank: Tensor) -> torch.export.ExportedP
                 torch.ops.ssamba.causal_conv1d_silu.default: conv_decomposition,
             }
         )
-    left = sorted(
+    left = ssamba_ops(program)
+    if left:
+        raise ExportError(f"the exported program still calls ssamba's own ops: {', '.join(left)}")
+    return program
+
+
+def ssamba_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """The ssamba ops `program` calls (sorted names; empty: it runs with torch alone)."""
+    return sorted(
         {
             str(node.target)
             for node in program.graph.nodes
             if node.op == "call_function" and str(node.target).startswith("ssamba.")
         }
     )
-    if left:
-        raise ExportError(f"the exported program still calls ssamba's own ops: {', '.join(left)}")
-    return program
 
 
 @contextlib.contextmanager
-def _registered_ops(encoder: AudioEncoder) -> Iterator[None]:
-    """Trace the Mamba mixers through the registered scan and conv ops, one per direction:
-    the unfused path (`use_fast_path=False`) with the C++ implementation chosen. Tracing
-    uses the ops' fake kernels only, so the C++ build is not needed here."""
+def _mixers_on_cpp_kernels(encoder: AudioEncoder, fused: bool) -> Iterator[None]:
+    """Trace the Mamba mixers through ssamba's C++ ops: the fused mixer op (`fused`, eager's
+    path) or the unfused path's scan and conv ops, one per direction. Tracing uses the
+    ops' fake kernels only, so the C++ build is not needed here."""
     mixers = [m for m in encoder.modules() if hasattr(m, "use_fast_path")]
     fast = [m.use_fast_path for m in mixers]
     scan = os.environ.get("SSAMBA_SCAN")
     os.environ["SSAMBA_SCAN"] = "cpp"
     for mixer in mixers:
-        mixer.use_fast_path = False
+        mixer.use_fast_path = fused
     try:
         yield
     finally:
@@ -496,10 +532,17 @@ def step_layout(bundle: EncoderFile) -> dict[str, Any]:
     }
 
 
-def _sidecar(bundle: EncoderFile, fmt: str, diff: float) -> dict:
+def _sidecar(bundle: EncoderFile, fmt: str, diff: float, ops: list[str]) -> dict:
     cfg = bundle.encoder.cfg
     return {
         "format": fmt,
+        # what running the file needs: ssamba's ops registered first, or nothing of ssamba
+        "ssamba_ops": ops,
+        "runs_with": (
+            "torch and ssamba: import ssamba.models before torch.export.load"
+            if ops
+            else {"onnx": "onnxruntime"}.get(fmt, "torch")
+        ),
         "input": {
             "name": "fbank",
             "shape": ["batch", "frames", cfg.num_mel_bins],

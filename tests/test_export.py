@@ -33,11 +33,15 @@ from tests._encoder_files import INPUT_FRAMES, write_small_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs in a fresh interpreter where `import ssamba` fails: the program must need torch only.
-WITHOUT_SSAMBA = textwrap.dedent(
+# Runs a program in a fresh interpreter, where `import ssamba` fails (argv[3] "without": the
+# program must need torch only) or after `import ssamba.models` (argv[3] "with").
+RUN_PROGRAM = textwrap.dedent(
     """
     import sys
-    sys.modules["ssamba"] = None  # any import of ssamba (or its C++ kernels) now fails
+    if sys.argv[3] == "without":
+        sys.modules["ssamba"] = None  # any import of ssamba (or its C++ kernels) now fails
+    else:
+        import ssamba.models  # registers ssamba's ops
     import torch
     program = torch.export.load(sys.argv[1]).module()
     worst = 0.0
@@ -89,13 +93,46 @@ def test_exported_program_takes_any_length_runs_without_ssamba_and_matches_eager
     assert sidecar["input"]["shape"] == ["batch", "frames", 128]
     assert sidecar["max_abs_diff_vs_eager"] <= 1e-4
     torch.save(eager_cases(source, SHAPES[family]), tmp_path / "expected.pt")
-    check = subprocess.run(
-        [sys.executable, "-c", WITHOUT_SSAMBA, str(out), str(tmp_path / "expected.pt")],
+    check = run_program(out, tmp_path / "expected.pt", "without")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def run_program(program: Path, expected: Path, ssamba: str) -> subprocess.CompletedProcess:
+    """RUN_PROGRAM on `program` and the `eager_cases` saved in `expected`."""
+    return subprocess.run(
+        [sys.executable, "-c", RUN_PROGRAM, str(program), str(expected), ssamba],
         capture_output=True,
         text=True,
-        cwd=tmp_path,  # not the repository: ssamba must not be found by accident
+        cwd=program.parent,  # not the repository: ssamba must not be found by accident
     )
-    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_program_keeping_ssambas_kernels_matches_eager_and_loads_only_with_ssamba(
+    tmp_path, capsys
+):
+    source = write_small_encoder(tmp_path / "encoder.pt", family="ssamba")
+    out = tmp_path / "encoder.pt2"
+
+    assert main([str(source), str(out), "--format", "exported-program", "--keep-kernels"]) == 0
+
+    sidecar = json.loads((tmp_path / "encoder.pt2.json").read_text())
+    assert sidecar["ssamba_ops"] == ["ssamba.mamba_inner.default"]  # eager's fused mixer
+    assert "import ssamba.models" in sidecar["runs_with"]
+    torch.save(eager_cases(source, SHAPES["ssamba"][:3]), tmp_path / "expected.pt")
+    with_ssamba = run_program(out, tmp_path / "expected.pt", "with")
+    assert with_ssamba.returncode == 0, with_ssamba.stdout + with_ssamba.stderr
+    without = run_program(out, tmp_path / "expected.pt", "without")
+    assert without.returncode != 0 and "mamba_inner" in without.stderr
+
+
+def test_keep_kernels_with_another_format_is_refused_in_one_line(tmp_path, capsys):
+    source = write_small_encoder(tmp_path / "encoder.pt", family="ssamba")
+
+    code = main([str(source), str(tmp_path / "e.onnx"), "--format", "onnx", "--keep-kernels"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--keep-kernels" in err
+    assert list(tmp_path.iterdir()) == [source]
 
 
 def test_the_program_keeps_the_steps_that_lie_on_the_audio(tmp_path):
