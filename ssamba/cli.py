@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continual": ("ssamba.continual:main", "a sequence of tasks on one frozen encoder (adapters)"),
     "embed": ("ssamba.embed.cli:main", "embeddings for audio files or folders"),
     "predict": ("ssamba.predict:main", "label audio files with a fine-tuned classifier"),
-    "export": ("ssamba.export:main", "write the encoder of any checkpoint as an encoder file"),
+    "export": (
+        "ssamba.export:main",
+        "write any checkpoint's encoder as an encoder file, HF folder, torch.export program or ONNX",
+    ),
     "bench": ("ssamba.bench.__main__:main", "speed and memory benchmarks"),
 }
 

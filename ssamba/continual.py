@@ -57,7 +57,9 @@ from typing import Any
 
 import yaml
 
+from ssamba.files import atomic_path, atomic_write_text
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
+from ssamba.recipe_paths import recipe_path
 
 PROG = "ssamba continual"
 METHODS = ("adapter", "finetune", "linear")
@@ -70,9 +72,10 @@ class ContinualError(ValueError):
 # ---------------------------------------------------------------------------- recipe
 def read_recipe(path: str | Path, init: str | None = None) -> dict[str, Any]:
     """The recipe, checked: unique task names, known methods, readable task recipes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ContinualError(f"{path}: no such continual recipe")
+    try:
+        path = recipe_path(path)
+    except FileNotFoundError as err:
+        raise ContinualError(str(err)) from None
     recipe = yaml.safe_load(path.read_text()) or {}
     known = {"init", "methods", "adapter", "overrides", "method_overrides", "tasks"}
     unknown = sorted(set(recipe) - known)
@@ -98,12 +101,14 @@ def read_recipe(path: str | Path, init: str | None = None) -> dict[str, Any]:
                 f"{path}: tasks {names.index(name) + 1} and {i + 1} share the name {name!r}; "
                 "task names must be unique (results are keyed by them)"
             )
-        task_recipe = Path(tasks[i].get("recipe", "")).resolve()  # from the cwd, as init
-        if not task_recipe.is_file():
+        try:  # from the cwd, as init, or one of ssamba's recipes by name
+            task_recipe = recipe_path(tasks[i].get("recipe", "")).resolve()
+        except FileNotFoundError:
             raise ContinualError(
-                f"{path}: task {name!r}: recipe {task_recipe} not found (paths in a "
-                "continual recipe are relative to the current directory)"
-            )
+                f"{path}: task {name!r}: recipe {tasks[i].get('recipe')} not found (paths in "
+                "a continual recipe are relative to the current directory; ssamba's own "
+                "recipes are also found by name, e.g. finetune/fsdd)"
+            ) from None
         tasks[i] = {**tasks[i], "recipe": str(task_recipe)}
     return recipe
 
@@ -218,7 +223,7 @@ def summarise(
 # ---------------------------------------------------------------------------- report
 def write_report(results: dict[str, Any], out: Path) -> None:
     """results.json, results.md (a table) and results.png (a plot)."""
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     tasks = results["tasks"]
     lines = [
         "| method | " + " | ".join(f"final {t}" for t in tasks) + " | average | forgetting "
@@ -234,7 +239,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"| {100 * r['backward_transfer']:+.1f} pts | {statistics.fmean(r['trainable_params']):,.0f} "
             f"| {100 * r['trainable_fraction']:.1f}% | {r['minutes']:.1f} |"
         )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     _plot(results, out / "results.png")
 
 
@@ -257,7 +262,8 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as staged:
+        fig.savefig(staged, format="png", dpi=100)
     plt.close(fig)
 
 

@@ -34,9 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from ssamba.recipe_paths import RECIPES
+
 REPO = Path(__file__).resolve().parents[1]
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset"
-PRETRAIN_RECIPE = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
+PRETRAIN_RECIPE = RECIPES / "pretrain" / "fsdd_tiny_cpu.yaml"
 PROTOCOL = ("--loso", "speaker", "--heldout", "theo,yweweler")
 
 

@@ -20,7 +20,7 @@ fine-tuned), or an encoder file. Formats:
 The program is traced with the selective scan and the Mamba conv as ssamba's registered
 ops (`ssamba::selective_scan`, `ssamba::causal_conv1d_silu`), then those ops are
 decomposed into plain ATen ops (`scan_decomposition`, `conv_decomposition`), so the file
-runs wherever torch does, 6-48x slower than eager (docs/export.md). `--keep-kernels`
+runs wherever torch does, 6-64x slower than eager (docs/export.md). `--keep-kernels`
 (exported-program only) keeps ssamba's fused C++ Mamba mixer (`ssamba::mamba_inner`) in
 the program instead: eager's speed, but the file loads only where `import ssamba.models`
 has registered that op. Before anything is written, the program's outputs are compared
@@ -53,7 +53,7 @@ from torch.fx.experimental import _config as fx_config
 from ssamba.embed import Windowing, trained_features
 from ssamba.embed.embedder import time_steps
 from ssamba.features import FbankConfig, kaldi_options
-from ssamba.files import writable_folder
+from ssamba.files import atomic_write_text, replace_durably, writable_folder
 from ssamba.models.encoder import AudioEncoder
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exported-program only: keep ssamba's fused C++ Mamba mixer in the program "
         "(eager speed; loading the file then needs `import ssamba.models`) instead of "
-        "decomposing it into torch ops (runs with torch alone, 6-48x slower)",
+        "decomposing it into torch ops (runs with torch alone, 6-64x slower)",
     )
     parser.add_argument(
         "--source-stride",
@@ -246,9 +246,9 @@ def export_program(
                 f"{out}: not written: the {fmt} outputs differ from the eager encoder's by "
                 f"{diff:.2e} (> {TOLERANCE:g})"
             )
-        os.replace(staged, out)
+        replace_durably(staged, out)
     sidecar = _sidecar(bundle, fmt, diff, ssamba_ops(program))
-    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     return out, diff
 
 

@@ -65,13 +65,19 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     staged = Path(name)
     try:
         yield staged
-        with open(staged, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staged, target)
+        replace_durably(staged, target)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    _fsync_folder(target.parent)
+
+
+def replace_durably(staged: str | Path, target: str | Path) -> None:
+    """fsync the written file `staged`, rename it over `target` (same file system), and
+    make the rename durable: a crash or full disk leaves the old `target` or the new one."""
+    with open(staged, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staged, target)
+    _fsync_folder(Path(target).parent)
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:

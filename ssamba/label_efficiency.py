@@ -68,7 +68,7 @@ import torch
 
 from ssamba.data.labelled import draw_per_class, hash_share
 from ssamba.data.shards import clip_id
-from ssamba.files import UnwritableError, writable_folder
+from ssamba.files import UnwritableError, atomic_path, atomic_write_text, writable_folder
 from ssamba.models.encoder import Pooling
 from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.probe import linear_probe
@@ -897,7 +897,8 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as staged:
+        fig.savefig(staged, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -925,8 +926,8 @@ def write_outputs(
         "runs": [asdict(r) for r in runs],
     }
     results["options"]["pretrain_shards"] = [str(p) for p in options.get("pretrain_shards") or []]
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     picture = plot(summary, out / "results.png", protocol)
     print("\n" + table)
     print(f"\nresults: {out / 'results.json'}\ntable:   {out / 'results.md'}\nplot:    {picture}")

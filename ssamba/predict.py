@@ -43,6 +43,7 @@ from tqdm import tqdm
 from ssamba.audio import AudioError, load_audio
 from ssamba.embed import Embedder
 from ssamba.embed.cli import collect_sources
+from ssamba.files import atomic_path, atomic_write_text
 from ssamba.models.encoder_file import load_encoder_file
 
 PROG = "ssamba predict"
@@ -199,11 +200,10 @@ def check_options(args: argparse.Namespace) -> None:
 
 def write_predictions(path: Path, predictions: Sequence[Prediction]) -> None:
     """Write `predictions` as CSV or JSON (by suffix; see the module docstring)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps([_record(p) for p in predictions], indent=1) + "\n")
+        atomic_write_text(path, json.dumps([_record(p) for p in predictions], indent=1) + "\n")
         return
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as staged, staged.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_COLUMNS)
         writer.writeheader()
         for prediction in predictions:

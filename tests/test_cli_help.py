@@ -4,10 +4,14 @@ example command lines one per line, only the options that apply, readable types.
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from ssamba.cli import main as ssamba_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -63,3 +67,24 @@ def test_bench_help_calls_it_ssamba_bench(capsys: pytest.CaptureFixture[str]) ->
 
     assert text.startswith("usage: ssamba bench ")
     assert "python -m" not in text
+
+
+def test_the_make_targets_and_commands_the_readme_names_exist(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    listed = subprocess.run(
+        ["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    targets = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+    named = set(re.findall(r"`?make\s+([a-z][a-z-]*)", readme)) | set(
+        re.findall(r"^make ([a-z][a-z-]*)", readme, re.MULTILINE)
+    )
+
+    assert named and named <= targets, sorted(named - targets)
+    assert ssamba_main(["--help"]) == 0
+    blocks = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, re.DOTALL))
+    commands = set(re.findall(r"^ssamba ([a-z-]+)", blocks, re.MULTILINE))
+    overview = capsys.readouterr().out
+    assert commands and all(f"  {command} " in overview for command in commands)

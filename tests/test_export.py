@@ -195,15 +195,15 @@ def test_onnx_export_takes_any_length_and_matches_eager(tmp_path, capsys):
         torch.testing.assert_close(steps, case["steps"], atol=1e-4, rtol=0)
 
 
-def docs_snippet(marker: str) -> str:
-    """The python block after `<!-- snippet: marker -->` in docs/export.md."""
-    text = (REPO / "docs" / "export.md").read_text()
+def readme_snippet(marker: str) -> str:
+    """The python block after `<!-- snippet: marker -->` in README.md."""
+    text = (REPO / "README.md").read_text()
     after = text.split(f"<!-- snippet: {marker} -->", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.parametrize("clip_name", ["fsdd", "sample"])
-def test_the_docs_torchaudio_recipe_and_the_exported_file_equal_ssamba_embed(
+def test_the_readme_torchaudio_recipe_and_the_exported_file_equal_ssamba_embed(
     clip_name, tmp_path, fsdd_dir, sample_wav
 ):
     features = FbankConfig(target_length=INPUT_FRAMES, mean=-5.5, std=3.5, pad="floor")
@@ -223,7 +223,7 @@ def test_the_docs_torchaudio_recipe_and_the_exported_file_equal_ssamba_embed(
 
     script = (
         'import sys\nsys.modules["ssamba"] = None\n'
-        + docs_snippet("torchaudio-only")
+        + readme_snippet("torchaudio-only")
         + '\ntorch.save([clip_embedding[0], steps[0]], "snippet.pt")\n'
     )
     run = subprocess.run(

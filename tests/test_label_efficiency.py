@@ -131,14 +131,21 @@ def test_the_probe_separates_separable_classes_and_not_shuffled_labels():
 
 
 def test_the_probe_standardises_with_the_training_rows_only():
-    # training rows straddle 0; the test rows sit far to the right, where the class-1 side
-    # is: with the training rows' mean and std both test rows are class 1 (right); with
-    # statistics that include the test rows they would fall on either side of the boundary
-    train_x = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]])
-    train_y = torch.tensor([0, 0, 1, 1])
-    test_x, test_y = torch.tensor([[40.0], [50.0]]), torch.tensor([1, 1])
+    # Feature a is clean, b noisy; both say the class. Test row 0 is class 1 by a and
+    # class 0 by b; the other test rows have a = 1000. With the training rows' statistics a
+    # keeps its scale and wins. Statistics that included the test rows would inflate a's
+    # std ~400x, so that, under the L2 penalty, a counts for nothing and b misreads row 0.
+    generator = torch.Generator().manual_seed(0)
+    train_y = torch.arange(20) % 2
+    sign = 2.0 * train_y - 1
+    clean = sign + 0.05 * torch.randn(20, generator=generator)
+    noisy = sign + 0.8 * torch.randn(20, generator=generator)
+    test_x = torch.tensor([[1.0, -1.0]] + [[1000.0, 1.0]] * 8)
+    test_y = torch.ones(9, dtype=torch.long)
 
-    assert linear_probe(train_x, train_y, test_x, test_y, 2, 1e-3) == 1.0
+    accuracy = linear_probe(torch.stack([clean, noisy], 1), train_y, test_x, test_y, 2, 1e-2)
+
+    assert accuracy == 1.0  # 8 / 9 when the test rows' statistics leak in (checked)
 
 
 def test_fbank_stats_reads_each_clips_own_frames():
@@ -173,6 +180,20 @@ def test_held_out_groups_are_neither_pretrained_nor_trained_on(shards):
     assert [f.name for f in dev.folds] == ["jackson"]
     assert {speaker[i] for i in dev.pretraining_ids} == {"george"}  # theo is not read
     assert {speaker[i] for i in dev.folds[0].train_ids} == {"george"}
+
+
+def test_pretraining_validates_on_its_own_clips_never_on_a_test_clip(shards):
+    clips = label_efficiency.read_catalogue(shards)
+    args = options("--loso", "speaker")
+    protocol = label_efficiency.plan_protocol(clips, args)
+
+    sources, val, read = label_efficiency.pretrain_sources(args, protocol)
+
+    tested = {i for fold in protocol.folds for i in fold.test_ids}
+    trained = set(sources[0]["ids"])
+    assert val["ids"] and set(val["ids"]) <= set(protocol.pretraining_ids)
+    assert not set(val["ids"]) & tested and not set(val["ids"]) & trained
+    assert trained | set(val["ids"]) == set(read) == set(protocol.pretraining_ids)
 
 
 def test_pretraining_reads_only_the_listed_clips(shards):

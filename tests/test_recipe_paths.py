@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ssamba.continual import read_recipe
 from ssamba.label_efficiency import CPU_RECIPE
 from ssamba.recipe_paths import RECIPES, recipe_path
 from ssamba.tasks.finetune_cli import main as finetune_main
@@ -36,6 +37,13 @@ def test_a_recipe_is_found_by_path_or_name_from_any_folder(
     own.unlink()
     assert finetune_main(["--config", "recipes/finetune/fsdd_loso.yaml", "--print_config"]) == 0
     assert "name: fsdd_loso" in capsys.readouterr().out
+    # a name without the suffix, and a recipe piece given to another option
+    encoder = ["--model.encoder", "recipes/model/ssamba_tiny.yaml", "--print_config"]
+    assert finetune_main(["--config", "finetune/fsdd", *encoder]) == 0
+    printed = capsys.readouterr().out
+    assert "name: fsdd" in printed and "embed_dim: 192" in printed
+    recipe = read_recipe("recipes/continual/fsdd_cpu.yaml")  # its task recipes too
+    assert {Path(t["recipe"]) for t in recipe["tasks"]} == {fsdd.resolve()}
 
 
 def test_a_built_package_carries_the_recipes(tmp_path: Path) -> None:

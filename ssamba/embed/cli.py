@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ssamba.audio import AUDIO_EXTENSIONS, AudioError, load_audio
 from ssamba.embed.embedder import Embedder, FreqMode, PoolMode
-from ssamba.files import writable_folder
+from ssamba.files import atomic_path, atomic_write_text, writable_folder
 
 DESCRIPTION = """\
 Embed audio files with an encoder: an encoder file (`ssamba pretrain`, `ssamba finetune`,
@@ -199,9 +199,9 @@ def write_file_outputs(out_dir: Path, name: str, arrays: Sequence[np.ndarray]) -
 
 def write_stacked(path: Path, matrix: np.ndarray, ids: Sequence[str]) -> None:
     """path: (files, dim) float32, and <path stem>.ids.txt with one file per row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, matrix)
-    path.with_suffix(".ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    with atomic_path(path) as staged, staged.open("wb") as handle:
+        np.save(handle, matrix)
+    atomic_write_text(path.with_suffix(".ids.txt"), "".join(f"{i}\n" for i in ids))
 
 
 def print_summary(done: int, out: Path, ignored: Sequence[Path], failures: Sequence[str]) -> None:

@@ -135,24 +135,50 @@ def recipe_pieces(recipe: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
 
 
 def expand_defaults(argv: Sequence[str]) -> list[str]:
-    """Replace each `--config recipe.yaml` by one `--config` per piece, then the recipe."""
+    """Replace each `--config recipe` by one `--config` per piece, then the recipe; any
+    other option's value that names one of ssamba's recipes (`--model.encoder
+    recipes/model/ssamba_tiny.yaml` outside the checkout) by the recipe's path."""
     expanded: list[str] = []
     args = iter(argv)
     for arg in args:
         flag, _, value = arg.partition("=")
         if flag not in CONFIG_FLAGS:
-            expanded.append(arg)
+            if value:
+                expanded.append(f"{flag}={_recipe_or_value(value)}")
+            else:
+                expanded.append(_recipe_or_value(arg))
             continue
         value = value or next(args, "")
-        if not value.endswith((".yaml", ".yml")):
+        recipe = _recipe_or_none(value)
+        if recipe is None:
+            if value.endswith((".yaml", ".yml")):
+                recipe_path(value)  # raises: the one-line "recipe not found"
             expanded += [flag, value]  # an inline YAML string: jsonargparse reads it
             continue
-        for piece in recipe_pieces(recipe_path(value)):
+        for piece in recipe_pieces(recipe):
             expanded += [flag, str(piece)]
         # The pieces are merged by now: a printed or saved config must not list them again
         # (their paths are relative to recipes that a printed config no longer sits beside).
         expanded += [f"--{DEFAULTS_KEY}=null"]
     return expanded
+
+
+def _recipe_or_none(value: str) -> Path | None:
+    """The recipe `value` names (a file, or one of ssamba's by name), else None."""
+    if not value or value.startswith(("-", "{", "[")) or "\n" in value:
+        return None  # an option or inline YAML, never a recipe name
+    try:
+        return recipe_path(value)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _recipe_or_value(value: str) -> str:
+    """A YAML file's path as given when it exists, or ssamba's recipe of that name."""
+    if not value.endswith((".yaml", ".yml")) or Path(value).exists():
+        return value
+    recipe = _recipe_or_none(value)
+    return value if recipe is None else str(recipe)
 
 
 class RecipeHelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
