@@ -104,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        writable_folder(args.out.parent, "OUT's folder")
-        bundle = load_encoder_file(args.checkpoint, source_stride=args.source_stride)
-        if args.out.resolve() == args.checkpoint.resolve():
-            raise ValueError(f"{args.out}: the output would overwrite the input")
-        bundle.provenance.setdefault("source", str(args.checkpoint))
         if args.keep_kernels and args.format != "exported-program":
             raise ExportError(
                 f"--keep-kernels: only --format exported-program can hold ssamba's kernels, "
                 f"not {args.format}"
             )
+        writable_folder(args.out.parent, "OUT's folder")
+        bundle = load_encoder_file(args.checkpoint, source_stride=args.source_stride)
+        if args.out.resolve() == args.checkpoint.resolve():
+            raise ValueError(f"{args.out}: the output would overwrite the input")
+        bundle.provenance.setdefault("source", str(args.checkpoint))
         if args.format == "encoder":
             path = bundle.save(args.out)
             print(f"{path}: {bundle.describe()}")

@@ -134,6 +134,9 @@ def recipe_pieces(recipe: Path, _seen: tuple[Path, ...] = ()) -> list[Path]:
     return [*ordered, recipe]
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def expand_defaults(argv: Sequence[str]) -> list[str]:
     """Replace each `--config recipe` by one `--config` per piece, then the recipe; any
     other option's value that names one of ssamba's recipes (`--model.encoder
@@ -149,11 +152,11 @@ def expand_defaults(argv: Sequence[str]) -> list[str]:
                 expanded.append(_recipe_or_value(arg))
             continue
         value = value or next(args, "")
-        recipe = _recipe_or_none(value)
+        # a YAML file must exist (else the one-line "recipe not found"); anything else is a
+        # recipe's name or an inline YAML string, which jsonargparse reads
+        recipe = recipe_path(value) if value.endswith(YAML_SUFFIXES) else _recipe_or_none(value)
         if recipe is None:
-            if value.endswith((".yaml", ".yml")):
-                recipe_path(value)  # raises: the one-line "recipe not found"
-            expanded += [flag, value]  # an inline YAML string: jsonargparse reads it
+            expanded += [flag, value]
             continue
         for piece in recipe_pieces(recipe):
             expanded += [flag, str(piece)]
@@ -175,7 +178,7 @@ def _recipe_or_none(value: str) -> Path | None:
 
 def _recipe_or_value(value: str) -> str:
     """A YAML file's path as given when it exists, or ssamba's recipe of that name."""
-    if not value.endswith((".yaml", ".yml")) or Path(value).exists():
+    if not value.endswith(YAML_SUFFIXES) or Path(value).exists():
         return value
     recipe = _recipe_or_none(value)
     return value if recipe is None else str(recipe)
