@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled shard folders to pretrain on (default: the protocol's pretraining "
         "clips of --shards); refused when they hold a test clip's audio",
     )
+    source.add_argument(
+        "--pretrain-extra",
+        type=Path,
+        nargs="+",
+        help="unlabelled shard folders pretrained on beside the protocol's pretraining clips "
+        "of --shards (each folder an equal share of every batch); refused when they hold a "
+        "test clip's audio",
+    )
     parser.add_argument("--pretrain-recipe", type=Path, default=CPU_RECIPE)
     parser.add_argument(
         "--pretrain-args",
@@ -290,8 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_budgets(clips, protocol.folds, budgets)
         if args.encoder:
             check_encoder(args.encoder)
-        elif args.pretrain_shards:
-            check_no_test_audio(args.shards, protocol.folds, args.pretrain_shards)
+        elif args.pretrain_shards or args.pretrain_extra:
+            option = "--pretrain-shards" if args.pretrain_shards else "--pretrain-extra"
+            folders = args.pretrain_shards or args.pretrain_extra
+            check_no_test_audio(args.shards, protocol.folds, folders, option)
         if not args.encoder:  # a recipe file, or a packaged recipe by name
             try:
                 args.pretrain_recipe = recipe_path(args.pretrain_recipe)
@@ -454,18 +464,20 @@ def audio_hashes(folder: Path, ids: set[str] | None = None) -> dict[str, str]:
     return hashes
 
 
-def check_no_test_audio(shards: Path, folds: list[Fold], pretrain_shards: list[Path]) -> None:
-    """Refuse pretraining folders that hold the audio of any fold's test clip."""
+def check_no_test_audio(
+    shards: Path, folds: list[Fold], pretrain_shards: list[Path], option: str
+) -> None:
+    """Refuse pretraining folders (given by `option`) that hold any fold's test audio."""
     test_ids = {i for fold in folds for i in fold.test_ids}
     tests = audio_hashes(shards, test_ids)
     for folder in pretrain_shards:
         if not folder.is_dir():
-            raise InputError(f"--pretrain-shards {folder}: no such folder")
+            raise InputError(f"{option} {folder}: no such folder")
         found = {h: name for h, name in audio_hashes(folder).items() if h in tests}
         if found:
             digest, name = next(iter(found.items()))
             raise InputError(
-                f"--pretrain-shards {folder}: {len(found)} of its clips are test clips of "
+                f"{option} {folder}: {len(found)} of its clips are test clips of "
                 f"{shards} (same audio), e.g. {name!r} is test clip {tests[digest]!r}; "
                 "pretraining on test audio would overstate what it learns"
             )
@@ -476,8 +488,9 @@ def pretrain_sources(
     args: argparse.Namespace, protocol: Protocol
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """(sources, validation source, every clip id they hold) for `ssamba pretrain`: the
-    protocol's pretraining clips of --shards, or --pretrain-shards; validation is a fixed
-    share of them by clip-id hash, so no test clip is read."""
+    protocol's pretraining clips of --shards (and every clip of --pretrain-extra), or
+    --pretrain-shards; validation is a fixed share of the first folder's clips by clip-id
+    hash, so no test clip is read."""
     from ssamba.data.shards import SkipCounter, catalogue, list_shards
 
     if args.pretrain_shards:
@@ -485,6 +498,9 @@ def pretrain_sources(
         held = [[clip_id(c) for c in catalogue(list_shards(f), SkipCounter(0))] for f in folders]
     else:
         folders, held = [args.shards.resolve()], [list(protocol.pretraining_ids)]
+        for extra in args.pretrain_extra or []:
+            folders.append(extra.resolve())
+            held.append([clip_id(c) for c in catalogue(list_shards(extra), SkipCounter(0))])
     val = [i for i in held[0] if hash_share(i) < PRETRAIN_VAL_SHARE]
     first = [i for i in held[0] if hash_share(i) >= PRETRAIN_VAL_SHARE]
     sources = [{"shards": str(folders[0]), "ids": first}]
@@ -925,7 +941,8 @@ def write_outputs(
         "summary": summary,
         "runs": [asdict(r) for r in runs],
     }
-    results["options"]["pretrain_shards"] = [str(p) for p in options.get("pretrain_shards") or []]
+    for key in ("pretrain_shards", "pretrain_extra"):
+        results["options"][key] = [str(p) for p in options.get(key) or []]
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "results.md", table + "\n")
     picture = plot(summary, out / "results.png", protocol)
