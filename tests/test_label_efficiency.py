@@ -196,6 +196,25 @@ def test_pretraining_validates_on_its_own_clips_never_on_a_test_clip(shards):
     assert trained | set(val["ids"]) == set(read) == set(protocol.pretraining_ids)
 
 
+def test_pretrain_extra_adds_every_clip_of_other_folders_beside_the_protocol_s(
+    clips, shards, tmp_path
+):
+    other = write_shard_folder(tmp_path / "other", {"train": [clips["train"][:4]]}, classes=None)
+    catalogue_ = label_efficiency.read_catalogue(shards)
+    args = label_efficiency.build_parser().parse_args(
+        ["--shards", str(shards), "--loso", "speaker", "--pretrain-extra", str(other)]
+    )
+    protocol = label_efficiency.plan_protocol(catalogue_, args)
+
+    sources, val, read = label_efficiency.pretrain_sources(args, protocol)
+
+    assert [s["shards"] for s in sources] == [str(shards.resolve()), str(other.resolve())]
+    assert "ids" not in sources[1]  # every clip of the extra folder, an equal share
+    assert set(sources[0]["ids"]) | set(val["ids"]) == set(protocol.pretraining_ids)
+    assert set(val["ids"]) <= set(protocol.pretraining_ids)  # validated on the protocol's
+    assert len(read) == len(protocol.pretraining_ids) + 4
+
+
 def test_pretraining_reads_only_the_listed_clips(shards):
     wanted = [f"{d}_george_5" for d in range(10)]
     val = ["3_theo_6", "4_theo_6"]
@@ -219,9 +238,10 @@ def test_pretraining_reads_only_the_listed_clips(shards):
         )
 
 
+@pytest.mark.parametrize("option", ["--pretrain-shards", "--pretrain-extra"])
 @pytest.mark.parametrize("renamed", [True, False], ids=["test-audio-renamed", "labelled-folder"])
 def test_pretrain_shards_holding_test_audio_are_refused_before_training(
-    renamed, clips, shards, tmp_path, capsys
+    renamed, option, clips, shards, tmp_path, capsys
 ):
     if renamed:  # one test clip's audio under another id, among training clips
         test_clip = clips["test"][7]
@@ -231,13 +251,12 @@ def test_pretrain_shards_holding_test_audio_are_refused_before_training(
         folder = shards  # the labelled folder itself, all its splits
     out = tmp_path / "out"
 
-    code = run(
-        "--shards", shards, "--pretrain-shards", folder, "--out", out, "--labels-per-class", "1"
-    )
+    code = run("--shards", shards, option, folder, "--out", out, "--labels-per-class", "1")
 
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
+    assert f"{option} {folder}" in err, err
     if renamed:
         assert "1 of its clips are test clips" in err and "'other_name'" in err, err
         assert f"test clip {clips['test'][7].key!r}" in err
