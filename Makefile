@@ -11,7 +11,7 @@ WORK        ?= work
 JOBS        ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install assets test test-fast test-cuda lint format bench bench-efficiency shards stats devset-drums demo continual clean
+.PHONY: help install assets test test-fast test-cuda lint format bench bench-efficiency shards stats devset-drums devset-speech demo continual clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -96,6 +96,16 @@ devset-drums: $(STAMP)  ## render + shard the GM drum set (+ unlabelled notes) i
 	    --out $(WORK)/devsets/gm_notes
 	$(PY) -m data_prep shard --corpus unlabelled --src $(WORK)/devsets/gm_notes \
 	    --out $(WORK)/shards/gm_notes --workers $(JOBS)
+
+# Unlabelled speech to pretrain on beside FSDD (`ssamba label-efficiency --pretrain-extra`):
+# KDE KLettres' recordings of the letters and syllables of 20 languages, native speakers,
+# from Debian's klettres-data (GPL-2+): 1,836 clips, 51 minutes. Needs Debian's archive.
+devset-speech: $(STAMP)  ## download + shard KLettres' spoken letters and syllables into $(WORK)/shards/klettres
+	mkdir -p $(WORK)/devsets/klettres
+	cd $(WORK)/devsets/klettres && apt-get download klettres-data
+	dpkg-deb -x $$(ls $(WORK)/devsets/klettres/klettres-data_*.deb | tail -1) $(WORK)/devsets/klettres/deb
+	$(PY) -m data_prep shard --corpus unlabelled --src $(WORK)/devsets/klettres/deb/usr/share/klettres \
+	    --out $(WORK)/shards/klettres --workers $(JOBS)
 
 # ---- demo --------------------------------------------------------------------
 demo: $(STAMP)  ## shard FSDD, pretrain, fine-tune and probe against random init; DEMO=quick is shorter
