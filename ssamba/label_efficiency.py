@@ -22,8 +22,10 @@
 2. Pretrain an encoder with `ssamba pretrain` (`--pretrain-recipe`, the CPU recipe by
    default) on the protocol's pretraining clips, by clip id; its validation clips (masked
    accuracy) are a fixed tenth of them, never a test clip. `--pretrain-shards` pretrains
-   on other folders instead, refused when any test clip's audio is in them. `--encoder`
-   names an encoder file and skips pretraining (its pretraining data is then unknown).
+   on other folders instead, `--pretrain-extra` on other folders beside those clips (e.g.
+   `make devset-speech`: more voices), both refused when any test clip's audio is in
+   them. `--encoder` names an encoder file and skips pretraining (its pretraining data is
+   then unknown).
 3. For every fold, seed and label budget (`--labels-per-class 1,5,20,all`), draw the
    training clips (`draw_per_class`: k per class, seeded, smaller budgets nested): every
    init is trained on exactly the same clips.
