@@ -495,14 +495,16 @@ def pretrain_sources(
     hash, so no test clip is read."""
     from ssamba.data.shards import SkipCounter, catalogue, list_shards
 
+    def every_id(folder: Path) -> list[str]:
+        return [clip_id(c) for c in catalogue(list_shards(folder), SkipCounter(0))]
+
     if args.pretrain_shards:
         folders = [f.resolve() for f in args.pretrain_shards]
-        held = [[clip_id(c) for c in catalogue(list_shards(f), SkipCounter(0))] for f in folders]
+        held = [every_id(f) for f in folders]
     else:
-        folders, held = [args.shards.resolve()], [list(protocol.pretraining_ids)]
-        for extra in args.pretrain_extra or []:
-            folders.append(extra.resolve())
-            held.append([clip_id(c) for c in catalogue(list_shards(extra), SkipCounter(0))])
+        extra = [f.resolve() for f in args.pretrain_extra or []]
+        folders = [args.shards.resolve(), *extra]
+        held = [list(protocol.pretraining_ids), *map(every_id, extra)]
     val = [i for i in held[0] if hash_share(i) < PRETRAIN_VAL_SHARE]
     first = [i for i in held[0] if hash_share(i) >= PRETRAIN_VAL_SHARE]
     sources = [{"shards": str(folders[0]), "ids": first}]
