@@ -18,9 +18,12 @@
      clips of the other, non-held-out groups, which are also the pretraining audio;
    - `--loso FIELD --dev-groups G`: the development protocol on the non-held-out groups
      only (test on G, labels and pretraining from the rest); levers are chosen here, and
-     the held-out groups are not read.
+     the held-out groups are not read. `--dev-rotate`: every non-held-out group in turn
+     (or those of --dev-groups), each fold with its own pretraining on the other
+     non-held-out groups: a mean over several test groups and several pretrainings.
 2. Pretrain an encoder with `ssamba pretrain` (`--pretrain-recipe`, the CPU recipe by
-   default) on the protocol's pretraining clips, by clip id; its validation clips (masked
+   default) on the protocol's pretraining clips, by clip id (once per fold with
+   `--dev-rotate`, once for every fold otherwise); its validation clips (masked
    accuracy) are a fixed tenth of them, never a test clip. `--pretrain-shards` pretrains
    on other folders instead, `--pretrain-extra` on other folders beside those clips (e.g.
    `make devset-speech`: more voices), both refused when any test clip's audio is in
@@ -89,20 +92,28 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Fold:
-    """One train/test partition: its test clips and the labelled clips it may train on."""
+    """One train/test partition: its test clips, the labelled clips it may train on and
+    the clips its encoder's pretraining may read."""
 
     name: str
     test_ids: tuple[str, ...]
     train_ids: tuple[str, ...]  # the labelled pool its budgets are drawn from
+    pretraining_ids: tuple[str, ...]  # folds with the same clips share one pretraining
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """What every fold tests and trains on, and what pretraining may read."""
+    """What every fold tests, trains on and pretrains on."""
 
     description: str  # said in the table, e.g. "held-out speakers theo, yweweler"
     folds: list[Fold]
-    pretraining_ids: tuple[str, ...]  # every clip a pretraining here may read
+
+    def pretraining_pools(self) -> dict[tuple[str, ...], list[Fold]]:
+        """The folds of each distinct pretraining pool (one pretraining each), in order."""
+        pools: dict[tuple[str, ...], list[Fold]] = {}
+        for fold in self.folds:
+            pools.setdefault(fold.pretraining_ids, []).append(fold)
+        return pools
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --loso: the development protocol: test on these non-held-out groups, "
         "train and pretrain on the other non-held-out ones; held-out groups are not read",
     )
+    parser.add_argument(
+        "--dev-rotate",
+        action="store_true",
+        help="with --loso: the development protocol on every non-held-out group in turn (or "
+        "those of --dev-groups): one fold per group, its probes trained and its encoder "
+        "pretrained on the other non-held-out groups (one pretraining per fold); the "
+        "figures average over test groups and pretrainings",
+    )
     parser.add_argument("--folds", help="only these folds (comma list of group names)")
     parser.add_argument("--modes", default="linear,finetune", help="linear, finetune or both")
     parser.add_argument("--finetune-epochs", type=int, default=FinetuneSettings.epochs)
@@ -313,10 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         writable_folder(args.out, "--out")  # last check: a refusal above leaves nothing
         out = new_run_folder(args.out)
-        if args.encoder:
-            encoder, pretrained_on = args.encoder, None
-        else:
-            encoder, pretrained_on = pretrain(args, protocol, out)
         settings = FinetuneSettings(
             lr=args.finetune_lr,
             epochs=args.finetune_epochs,
@@ -327,18 +342,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_l2=args.probe_l2,
             budgets=tuple(tuned),
         )
-        runs = evaluate(
-            args.shards, clips, encoder, protocol.folds, budgets, seeds, modes, settings
-        )
+        runs: list[Run] = []
+        folds: list[dict[str, Any]] = []
+        pools = protocol.pretraining_pools()
+        for ids, pool_folds in pools.items():
+            if args.encoder:
+                encoder, pretrained_on = args.encoder, None
+            else:
+                name = "pretrain" if len(pools) == 1 else f"pretrain-{pool_folds[0].name}"
+                encoder, pretrained_on = pretrain(args, ids, out / name)
+            runs += evaluate(
+                args.shards, clips, encoder, pool_folds, budgets, seeds, modes, settings
+            )
+            folds += [
+                {
+                    "name": f.name,
+                    "test_ids": list(f.test_ids),
+                    "pretraining_ids": pretrained_on,
+                    "encoder": str(Path(encoder).resolve()),
+                }
+                for f in pool_folds
+            ]
     except (InputError, UnwritableError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     minutes = (time.monotonic() - started) / 60
-    folds = [
-        {"name": f.name, "test_ids": list(f.test_ids), "pretraining_ids": pretrained_on}
-        for f in protocol.folds
-    ]
-    write_outputs(runs, out, encoder, protocol.description, folds, minutes, vars(args))
+    write_outputs(runs, out, protocol.description, folds, minutes, vars(args))
     return 0
 
 
@@ -374,9 +403,10 @@ def read_catalogue(shards: Path) -> Catalogue:
 def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
     """The folds, and the clips pretraining may read, of the options' protocol."""
     if args.loso is None:
-        if args.folds or args.heldout or args.dev_groups:
+        if args.folds or args.heldout or args.dev_groups or args.dev_rotate:
             raise InputError(
-                "--folds, --heldout and --dev-groups need --loso (the official split has one fold)"
+                "--folds, --heldout, --dev-groups and --dev-rotate need --loso (the official "
+                "split has one fold)"
             )
         test = clips.where(lambda m: str(m.get("split")) == "test")
         if not test:
@@ -386,7 +416,7 @@ def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
                 f"present: {splits}); use --loso FIELD instead"
             )
         train = clips.where(lambda m: str(m.get("split")) != "test")
-        return Protocol("official split", [Fold("official", test, train)], train)
+        return Protocol("official split", [Fold("official", test, train, train)])
     field = args.loso
     groups = sorted({str(m[field]) for m in clips.meta if field in m})
     if len(groups) < 3:
@@ -396,6 +426,8 @@ def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
         )
     heldout = parse_names(args.heldout) or groups[-max(1, len(groups) // 3) :]
     dev = parse_names(args.dev_groups)
+    if args.dev_rotate and not dev:
+        dev = [g for g in groups if g not in heldout]
     for option, names in (("--heldout", heldout), ("--dev-groups", dev)):
         unknown = [g for g in names if g not in groups]
         if unknown:
@@ -406,23 +438,33 @@ def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
             f"groups come from the others: {[g for g in groups if g not in heldout]}"
         )
     tested = dev or heldout
-    learn = [g for g in groups if g not in heldout and g not in dev]
-    if not learn:
-        raise InputError(f"--heldout/--dev-groups: no {field} is left to train on: {groups}")
     only = parse_names(args.folds)
     unknown = [g for g in only if g not in tested]
     if unknown:
         raise InputError(f"--folds: {unknown} are not among the tested groups {tested}")
-    pool = clips.where(lambda m: str(m.get(field)) in learn)
-    folds = [
-        Fold(g, clips.where(lambda m, g=g: str(m.get(field)) == g), pool) for g in (only or tested)
-    ]
+
+    def learned_from(test: str) -> list[str]:
+        # --dev-rotate: every group but the fold's own; otherwise no tested group at all
+        left_out = [test] if args.dev_rotate else tested
+        return [g for g in groups if g not in heldout and g not in left_out]
+
+    if not all(learned_from(g) for g in tested):
+        raise InputError(f"--heldout/--dev-groups: no {field} is left to train on: {groups}")
+    folds = []
+    for g in only or tested:
+        pool = clips.where(lambda m, g=g: str(m.get(field)) in learned_from(g))
+        folds.append(Fold(g, clips.where(lambda m, g=g: str(m.get(field)) == g), pool, pool))
     kind = "development" if dev else "held-out"
-    description = (
-        f"{kind} {field}{'s' if len(tested) > 1 else ''} {', '.join(tested)} (never pretrained on; probes trained on "
-        f"{', '.join(learn)})"
-    )
-    return Protocol(description, folds, pool)
+    named = f"{kind} {field}{'s' if len(tested) > 1 else ''} {', '.join(tested)}"
+    if args.dev_rotate:
+        description = (
+            f"{named} in turn (each never pretrained on; probes trained and encoder "
+            f"pretrained on the other non-held-out {field}s, one pretraining per fold)"
+        )
+    else:
+        learn = ", ".join(learned_from(tested[0]))
+        description = f"{named} (never pretrained on; probes trained on {learn})"
+    return Protocol(description, folds)
 
 
 def check_budgets(clips: Catalogue, folds: list[Fold], budgets: list[int | None]) -> None:
@@ -487,10 +529,10 @@ def check_no_test_audio(
 
 # ---------------------------------------------------------------------------- pretraining
 def pretrain_sources(
-    args: argparse.Namespace, protocol: Protocol
+    args: argparse.Namespace, ids: Sequence[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """(sources, validation source, every clip id they hold) for `ssamba pretrain`: the
-    protocol's pretraining clips of --shards (and every clip of --pretrain-extra), or
+    pretraining clips `ids` of --shards (and every clip of --pretrain-extra), or
     --pretrain-shards; validation is a fixed share of the first folder's clips by clip-id
     hash, so no test clip is read."""
     from ssamba.data.shards import SkipCounter, catalogue, list_shards
@@ -504,7 +546,7 @@ def pretrain_sources(
     else:
         extra = [f.resolve() for f in args.pretrain_extra or []]
         folders = [args.shards.resolve(), *extra]
-        held = [list(protocol.pretraining_ids), *map(every_id, extra)]
+        held = [list(ids), *map(every_id, extra)]
     val = [i for i in held[0] if hash_share(i) < PRETRAIN_VAL_SHARE]
     first = [i for i in held[0] if hash_share(i) >= PRETRAIN_VAL_SHARE]
     sources = [{"shards": str(folders[0]), "ids": first}]
@@ -512,17 +554,18 @@ def pretrain_sources(
     return sources, {"shards": str(folders[0]), "ids": val}, [i for ids in held for i in ids]
 
 
-def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[Path, list[str]]:
-    """Run `ssamba pretrain` with the recipe on the protocol's clips; returns the exported
-    encoder file and the ids of every clip pretraining read."""
+def pretrain(args: argparse.Namespace, ids: Sequence[str], folder: Path) -> tuple[Path, list[str]]:
+    """Run `ssamba pretrain` with the recipe on the clips `ids` (and --pretrain-extra or
+    --pretrain-shards), logging under `folder`; returns the exported encoder file and the
+    ids of every clip pretraining read."""
     import shlex
 
     from ssamba.data.shard_format import fbank_stats
     from ssamba.tasks.cli_common import SetupError
     from ssamba.tasks.pretrain_cli import pretrain as pretrain_run
 
-    folder = (out / "pretrain").resolve()
-    sources, val, ids = pretrain_sources(args, protocol)
+    folder = folder.resolve()
+    sources, val, read = pretrain_sources(args, ids)
     # The labelled folder's normalisation: pretraining and the probes see the same inputs.
     mean, std = fbank_stats(args.shards)
     argv = [
@@ -536,12 +579,12 @@ def pretrain(args: argparse.Namespace, protocol: Protocol, out: Path) -> tuple[P
         *shlex.split(args.pretrain_args),
     ]
     shown = [a if len(a) < 200 else a[:120] + " ...]" for a in argv]
-    print(f"== pretrain on {len(ids)} clips: ssamba pretrain {shlex.join(shown)}", flush=True)
+    print(f"== pretrain on {len(read)} clips: ssamba pretrain {shlex.join(shown)}", flush=True)
     try:
         result = pretrain_run(argv)
     except SetupError as error:
         raise InputError(f"--pretrain-recipe/--pretrain-args: {error}") from error
-    return Path(result.files["encoder"]), ids
+    return Path(result.files["encoder"]), read
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -926,19 +969,19 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
 def write_outputs(
     runs: list[Run],
     out: Path,
-    encoder: Path,
     protocol: str,
     folds: list[dict[str, Any]],
     minutes: float,
     options: dict,
 ) -> None:
-    """results.json, results.md and results.png in `out` (a new run folder)."""
+    """results.json, results.md and results.png in `out` (a new run folder); `folds`
+    name each fold's encoder file, "encoder" the one they share (null when they differ)."""
     summary = summarise(runs)
     seeds = len({r.seed for r in runs})
     table = format_table(summary, protocol, minutes, seeds)
     results = {
         "protocol": protocol,
-        "encoder": str(Path(encoder).resolve()),
+        "encoder": folds[0]["encoder"] if len({f["encoder"] for f in folds}) == 1 else None,
         "minutes": minutes,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
         "folds": folds,

@@ -174,26 +174,43 @@ def test_held_out_groups_are_neither_pretrained_nor_trained_on(shards):
     assert [f.name for f in reported.folds] == ["theo"]  # the last third by default
     fold = reported.folds[0]
     assert {speaker[i] for i in fold.test_ids} == {"theo"} and len(fold.test_ids) == 70
-    assert {speaker[i] for i in reported.pretraining_ids} == {"george", "jackson"}
-    assert set(fold.train_ids) == set(reported.pretraining_ids)
+    assert {speaker[i] for i in fold.pretraining_ids} == {"george", "jackson"}
+    assert set(fold.train_ids) == set(fold.pretraining_ids)
     assert "held-out speaker theo" in reported.description
     assert [f.name for f in dev.folds] == ["jackson"]
-    assert {speaker[i] for i in dev.pretraining_ids} == {"george"}  # theo is not read
+    assert {speaker[i] for i in dev.folds[0].pretraining_ids} == {"george"}  # theo is not read
     assert {speaker[i] for i in dev.folds[0].train_ids} == {"george"}
+
+
+def test_dev_rotate_tests_each_development_group_with_its_own_pretraining(shards):
+    clips = label_efficiency.read_catalogue(shards)
+    speaker = {i: i.split("_")[1] for i in clips.ids}
+
+    protocol = label_efficiency.plan_protocol(clips, options("--loso", "speaker", "--dev-rotate"))
+
+    assert [f.name for f in protocol.folds] == ["george", "jackson"]  # theo stays held out
+    for fold, other in zip(protocol.folds, ["jackson", "george"], strict=True):
+        assert {speaker[i] for i in fold.test_ids} == {fold.name}
+        assert {speaker[i] for i in fold.train_ids} == {other}
+        assert set(fold.pretraining_ids) == set(fold.train_ids)
+    pools = protocol.pretraining_pools()
+    assert [[f.name for f in folds] for folds in pools.values()] == [["george"], ["jackson"]]
+    assert "in turn" in protocol.description
 
 
 def test_pretraining_validates_on_its_own_clips_never_on_a_test_clip(shards):
     clips = label_efficiency.read_catalogue(shards)
     args = options("--loso", "speaker")
     protocol = label_efficiency.plan_protocol(clips, args)
+    (pool,) = protocol.pretraining_pools()
 
-    sources, val, read = label_efficiency.pretrain_sources(args, protocol)
+    sources, val, read = label_efficiency.pretrain_sources(args, pool)
 
     tested = {i for fold in protocol.folds for i in fold.test_ids}
     trained = set(sources[0]["ids"])
-    assert val["ids"] and set(val["ids"]) <= set(protocol.pretraining_ids)
+    assert val["ids"] and set(val["ids"]) <= set(pool)
     assert not set(val["ids"]) & tested and not set(val["ids"]) & trained
-    assert trained | set(val["ids"]) == set(read) == set(protocol.pretraining_ids)
+    assert trained | set(val["ids"]) == set(read) == set(pool)
 
 
 def test_pretrain_extra_adds_every_clip_of_other_folders_beside_the_protocol_s(
@@ -204,15 +221,15 @@ def test_pretrain_extra_adds_every_clip_of_other_folders_beside_the_protocol_s(
     args = label_efficiency.build_parser().parse_args(
         ["--shards", str(shards), "--loso", "speaker", "--pretrain-extra", str(other)]
     )
-    protocol = label_efficiency.plan_protocol(catalogue_, args)
+    (pool,) = label_efficiency.plan_protocol(catalogue_, args).pretraining_pools()
 
-    sources, val, read = label_efficiency.pretrain_sources(args, protocol)
+    sources, val, read = label_efficiency.pretrain_sources(args, pool)
 
     assert [s["shards"] for s in sources] == [str(shards.resolve()), str(other.resolve())]
     assert "ids" not in sources[1]  # every clip of the extra folder, an equal share
-    assert set(sources[0]["ids"]) | set(val["ids"]) == set(protocol.pretraining_ids)
-    assert set(val["ids"]) <= set(protocol.pretraining_ids)  # validated on the protocol's
-    assert len(read) == len(protocol.pretraining_ids) + 4
+    assert set(sources[0]["ids"]) | set(val["ids"]) == set(pool)
+    assert set(val["ids"]) <= set(pool)  # validated on the protocol's
+    assert len(read) == len(pool) + 4
 
 
 def test_pretraining_reads_only_the_listed_clips(shards):
@@ -274,6 +291,8 @@ def test_pretrain_shards_holding_test_audio_are_refused_before_training(
         ("loso_field", "--loso accent"),
         ("heldout_unknown", "--heldout: ['nobody']"),
         ("dev_is_heldout", "--dev-groups: ['theo'] are held out"),
+        ("rotate_without_loso", "--dev-rotate need --loso"),
+        ("rotate_one_group", "no speaker is left to train on"),
         ("missing_encoder", "no such file"),
         ("negative_l2", "--probe-l2: -1.0"),
     ],
@@ -294,6 +313,10 @@ def test_bad_input_stops_with_one_line_before_any_training(
         extra += ["--loso", "speaker", "--heldout", "nobody"]
     elif problem == "dev_is_heldout":
         extra += ["--loso", "speaker", "--dev-groups", "theo"]
+    elif problem == "rotate_without_loso":
+        extra += ["--dev-rotate"]
+    elif problem == "rotate_one_group":  # theo and jackson held out: george has no peer
+        extra += ["--loso", "speaker", "--heldout", "theo,jackson", "--dev-rotate"]
     elif problem == "negative_l2":
         extra += ["--probe-l2", "-1"]
     else:
@@ -344,3 +367,29 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
     table = (out / "run-1" / "results.md").read_text()
     assert "| finetune | all |" in table and "held-out speaker theo" in table
     assert (out / "run-1" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp_path):
+    out = tmp_path / "le"
+    pretrain = (
+        "--trainer.max_steps=2 --trainer.val_check_interval=2 --model.encoder.depth=2 "
+        "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=8 "
+        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
+    )
+    code = run(
+        "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",
+        "--dev-rotate", "--modes", "linear", "--labels-per-class", "1", "--seeds", "0",
+    )  # fmt: skip
+
+    assert code == 0
+    results = json.loads((out / "run-1" / "results.json").read_text())
+    folds = {f["name"]: f for f in results["folds"]}
+    assert set(folds) == {"george", "jackson"}
+    for name, other in (("george", "jackson"), ("jackson", "george")):
+        fold = folds[name]
+        assert {i.split("_")[1] for i in fold["pretraining_ids"]} == {other}
+        assert Path(fold["encoder"]).is_file() and f"pretrain-{name}" in fold["encoder"]
+    assert results["encoder"] is None  # two encoders, one per fold
+    assert {r["fold"] for r in results["runs"]} == {"george", "jackson"}
+    assert "in turn" in (out / "run-1" / "results.md").read_text()
