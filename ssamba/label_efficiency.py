@@ -35,7 +35,8 @@
 4. Train and test, on the same clips:
    - the pretrained encoder file and the same architecture from random weights drawn from
      the seed: a linear probe (a logistic regression on the frozen encoder's pooled
-     embeddings: every block's pooled output side by side, or `--probe-read last`) and a
+     embeddings: by default each frequency band's token statistics, `--pooling`, of every
+     block's output side by side, or `--probe-read last`) and a
      fine-tune (`ClassifyTask`, the `ssamba finetune` model and optimiser, a fixed number
      of steps on a cosine schedule, tested with its last weights: at 1 label per class a
      validation set would hold more labels than the training set);
@@ -145,7 +146,9 @@ class FinetuneSettings:
     epochs: int = 5
     min_steps: int = 60
     warmup_steps: int = 20
-    pooling: str = "mean"
+    # band statistics: pooling over every patch averages the frequency bands together and
+    # loses which band holds what (docs/learning-quality.md, the rotating development run)
+    pooling: str = "band-stats"
     ignore_padding: bool = False  # pooling over the clip's own patches only
     probe_read: str = "layers"
     probe_l2: float = 1e-3  # the linear probe's L2 weight (standardised features)
@@ -242,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pooling",
         choices=get_args(Pooling),
-        default="mean",
-        help="how probes and fine-tunes pool the patch tokens: their mean, their mean and "
-        "standard deviation ('stats'), those of each frequency band side by side "
-        "('band-stats'), or the cls token",
+        default=FinetuneSettings.pooling,
+        help="how probes and fine-tunes pool the patch tokens: the mean and standard "
+        "deviation over time of each frequency band's tokens, the bands side by side "
+        "('band-stats', the default: it keeps which band holds what), their mean and "
+        "standard deviation over every patch ('stats'), their mean, or the cls token",
     )
     parser.add_argument(
         "--ignore-padding",
