@@ -63,6 +63,7 @@ import logging
 import math
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Sequence
@@ -961,7 +962,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_xlabel("labels per class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)  # protocol descriptions run long
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as staged:
