@@ -61,6 +61,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 import textwrap
@@ -349,12 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         runs: list[Run] = []
         folds: list[dict[str, Any]] = []
-        pools = protocol.pretraining_pools()
+        # one encoder serves every fold when it does not depend on the fold's clips
+        shared = args.encoder or args.pretrain_shards
+        pools = {(): protocol.folds} if shared else protocol.pretraining_pools()
         for ids, pool_folds in pools.items():
             if args.encoder:
                 encoder, pretrained_on = args.encoder, None
             else:
-                name = "pretrain" if len(pools) == 1 else f"pretrain-{pool_folds[0].name}"
+                folder = re.sub(r"[^\w.-]", "_", pool_folds[0].name)  # a group name as a folder
+                name = "pretrain" if len(pools) == 1 else f"pretrain-{folder}"
                 encoder, pretrained_on = pretrain(args, ids, out / name)
             runs += evaluate(
                 args.shards, clips, encoder, pool_folds, budgets, seeds, modes, settings

@@ -96,6 +96,20 @@ def test_every_init_trains_on_the_draw_recomputed_from_the_data(shards, encoder_
     assert json.loads((tmp_path / "run-1" / "results.json").read_text()) == results
 
 
+def test_dev_rotate_with_an_encoder_file_reads_every_fold_with_it(shards, encoder_file, tmp_path):
+    code = run(
+        "--shards", shards, "--encoder", encoder_file, "--out", tmp_path, "--loso", "speaker",
+        "--dev-rotate", "--labels-per-class", "1", "--seeds", "0", "--modes", "linear",
+    )  # fmt: skip
+
+    assert code == 0
+    results = json.loads((tmp_path / "run-1" / "results.json").read_text())
+    assert [f["name"] for f in results["folds"]] == ["george", "jackson"]
+    assert {f["encoder"] for f in results["folds"]} == {results["encoder"]}
+    assert results["encoder"] == str(encoder_file.resolve())
+    assert not (tmp_path / "run-1" / "pretrain").exists()  # nothing was pretrained
+
+
 def test_the_pretrained_init_holds_the_files_weights(encoder_file):
     settings = label_efficiency.FinetuneSettings()
     build = label_efficiency.build_task
