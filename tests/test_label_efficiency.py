@@ -27,6 +27,15 @@ from ssamba.tasks.probe import linear_probe
 SPEAKERS = ["george", "jackson", "theo"]
 
 
+# a seconds-long pretraining of a two-block, width-32 encoder: what label-efficiency does
+# with it is under test, not what it learns
+TINY_PRETRAIN = (
+    "--trainer.max_steps=6 --trainer.val_check_interval=6 --model.encoder.depth=2 "
+    "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=16 "
+    "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
+)
+
+
 @pytest.fixture(scope="module")
 def clips(fsdd_dir: Path) -> dict[str, list]:
     return {
@@ -351,13 +360,8 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
     # with the padding of short clips left out of the probes' and fine-tunes' pooling
     # (the default path runs in test_demo)
     out = tmp_path / "le"
-    pretrain = (
-        "--trainer.max_steps=6 --trainer.val_check_interval=6 --model.encoder.depth=2 "
-        "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=16 "
-        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
-    )
     code = run(
-        "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",
+        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
         "--labels-per-class", "1,all", "--seeds", "0", "--finetune-min-steps", "4",
         "--finetune-epochs", "1", "--ignore-padding", "--pooling", "stats",
     )  # fmt: skip
@@ -386,13 +390,8 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
 @pytest.mark.slow
 def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp_path):
     out = tmp_path / "le"
-    pretrain = (
-        "--trainer.max_steps=2 --trainer.val_check_interval=2 --model.encoder.depth=2 "
-        "--model.encoder.embed_dim=32 --data.batch_size=8 --data.val_max_clips=8 "
-        "--data.num_workers=0 --model.image_every_n_steps=0 --trainer.enable_progress_bar=false"
-    )
     code = run(
-        "--shards", shards, "--out", out, "--pretrain-args", pretrain, "--loso", "speaker",
+        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
         "--dev-rotate", "--modes", "linear", "--labels-per-class", "1", "--seeds", "0",
     )  # fmt: skip
 
