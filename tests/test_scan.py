@@ -430,6 +430,25 @@ def test_without_a_compiler_the_scan_warns_once_and_still_computes(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path):
+    """torch's own lock file in a built kernel folder (its holder killed mid-rebuild): a
+    fresh process still loads the kernels instead of waiting on it forever."""
+    scan.load_cpu_kernel()  # built (or loaded) in this process's own folder
+    flags = scan._kernel_flags()
+    built = scan.kernel_build_folder(flags)
+    copy = scan.kernel_build_folder(flags, tmp_path)
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock"))
+    (copy / "lock").touch()  # what a killed build leaves
+    script = "from ssamba.models import scan; scan.load_cpu_kernel(); print('ok')"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    # the timeout only turns a hang into a failure: a load of the copied build takes ~1 s
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert not (copy / "lock").exists()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and scan.mamba_ssm_available()),

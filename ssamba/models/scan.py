@@ -365,9 +365,10 @@ def _build_and_load(cpp_extension: Any, folder: Path, flags: list[str]) -> Any:
         if not (folder / f"{_KERNEL_NAME}.so").is_file():
             print(f"ssamba: building the C++ CPU kernels in {folder}", file=sys.stderr, flush=True)
             folder.mkdir(parents=True, exist_ok=True)
-            # torch's own lock file, left behind by a build that was killed, would make
-            # torch wait forever; under our lock no other process is building here.
-            (folder / "lock").unlink(missing_ok=True)
+        # torch's own lock file, left behind by a build that was killed (also a rebuild
+        # over an existing .so: every fresh process goes through torch's lock), would make
+        # torch wait forever; under our lock no other process is in torch's load here.
+        (folder / "lock").unlink(missing_ok=True)
         return cpp_extension.load(
             name=_KERNEL_NAME,
             sources=[str(_CSRC / name) for name in _KERNEL_SOURCES],
