@@ -441,10 +441,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path)
     (copy / "lock").touch()  # what a killed build leaves
     script = "from ssamba.models import scan; scan.load_cpu_kernel(); print('ok')"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    # the timeout only turns a hang into a failure: a load of the copied build takes ~1 s
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
     assert not (copy / "lock").exists()
 
