@@ -461,7 +461,8 @@ def plan_protocol(clips: Catalogue, args: argparse.Namespace) -> Protocol:
         raise InputError(f"--heldout/--dev-groups: no {field} is left to train on: {groups}")
     folds = []
     for g in only or tested:
-        pool = clips.where(lambda m, g=g: str(m.get(field)) in learned_from(g))
+        peers = set(learned_from(g))  # once per fold, not once per clip
+        pool = clips.where(lambda m, peers=peers: str(m.get(field)) in peers)
         folds.append(Fold(g, clips.where(lambda m, g=g: str(m.get(field)) == g), pool, pool))
     kind = "development" if dev else "held-out"
     named = f"{kind} {field}{'s' if len(tested) > 1 else ''} {', '.join(tested)}"
