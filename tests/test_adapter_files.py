@@ -1,4 +1,4 @@
-"""Adapter runs' files through the one loader: evaluate, embed, export and HEAR read them,
+"""Adapter runs' files through the one loader: evaluate, predict, embed, export and HEAR read them,
 encoder files carry adapters (version 3), and the models' imports run one way."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ssamba.models.adapters import AdapterConfig, weights_sha256
 from ssamba.models.encoder import AudioEncoder, EncoderConfig
 from ssamba.models.encoder_file import EncoderFile, load_encoder_file
 from ssamba.models.official import CheckpointError
+from ssamba.predict import main as predict_main
 from ssamba.tasks.evaluate_cli import main as evaluate_main
 from ssamba.tasks.finetune_cli import latest_results
 from ssamba.tasks.finetune_cli import main as finetune_main
@@ -88,6 +89,25 @@ def test_evaluate_scores_an_adapter_file_as_its_run_did(
     assert code == 0
     scored = json.loads((tmp_path / "results.json").read_text())
     assert scored["value"] == pytest.approx(adapter_run["results"]["value"], abs=1e-6)
+
+
+def test_predict_labels_audio_with_an_adapter_file_as_with_its_export(
+    adapter_run: dict, fsdd_dir: Path, tmp_path: Path
+) -> None:
+    clip = fsdd_dir / "recordings" / "3_theo_7.wav"
+    exported = tmp_path / "classifier.pt"
+    assert export_main([adapter_run["file"], str(exported)]) == 0
+    records = {}
+    for name, ckpt in (("adapters", adapter_run["file"]), ("exported", exported)):
+        out = tmp_path / f"{name}.json"
+        assert predict_main([str(clip), "--ckpt", str(ckpt), "--out", str(out)]) == 0
+        records[name] = json.loads(out.read_text())[0]
+
+    assert records["adapters"]["labels"] == records["exported"]["labels"]
+    assert len(records["adapters"]["labels"]) >= 1
+    assert records["adapters"]["probabilities"] == pytest.approx(
+        records["exported"]["probabilities"], abs=1e-6
+    )
 
 
 def test_embed_reads_an_adapter_file_and_its_adapters_change_the_embedding(

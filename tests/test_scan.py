@@ -481,7 +481,9 @@ def test_kernel_loading_hides_the_cuda_home_notice():
     assert not scan._no_cuda_home_notice(record) and scan._no_cuda_home_notice(other)
 
 
-def test_the_kernel_build_folder_is_keyed_by_the_sources_and_flags(tmp_path, monkeypatch):
+def test_the_kernel_build_folder_is_keyed_by_the_sources_their_place_and_flags(
+    tmp_path, monkeypatch
+):
     from ssamba.models import scan
 
     flags = scan._kernel_flags()
@@ -489,14 +491,17 @@ def test_the_kernel_build_folder_is_keyed_by_the_sources_and_flags(tmp_path, mon
     assert folder.parent == tmp_path and folder.name.startswith("ssamba_cpu_kernels-")
     assert scan.kernel_build_folder(flags, tmp_path) == folder
     assert scan.kernel_build_folder([*flags, "-DOTHER"], tmp_path) != folder
-    # another checkout or version: other sources, another folder
+    # another checkout of the same sources: its own folder (torch's build file names the
+    # sources by path, so sharing one would rebuild it whenever the two took turns) ...
     csrc = tmp_path / "csrc"
     shutil.copytree(scan._CSRC, csrc)
     monkeypatch.setattr(scan, "_CSRC", csrc)
-    assert scan.kernel_build_folder(flags, tmp_path) == folder
+    checkout = scan.kernel_build_folder(flags, tmp_path)
+    assert checkout != folder
+    # ... and other sources there: another folder again
     with (csrc / "module.cpp").open("a") as source:
         source.write("// changed\n")
-    assert scan.kernel_build_folder(flags, tmp_path) != folder
+    assert scan.kernel_build_folder(flags, tmp_path) not in (folder, checkout)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "env"))
     assert scan.kernel_build_folder(flags).parent == tmp_path / "env"
 

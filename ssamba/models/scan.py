@@ -328,15 +328,18 @@ def _kernel_flags() -> list[str]:
 def kernel_build_folder(flags: list[str], root: Path | None = None) -> Path:
     """Where this checkout's kernels are built: `<root>/ssamba_cpu_kernels-<hash>`.
 
-    The hash covers every file of csrc/, the flags (the CPU's feature flags among them),
-    torch's and Python's versions, so two checkouts or versions on one machine never
-    rebuild, or load, each other's build (torch's own folder is one per name, shared by
-    all). root: `$TORCH_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/ssamba` (~/.cache/ssamba).
+    The hash covers every file of csrc/ and where it lies, the flags (the CPU's feature
+    flags among them), torch's and Python's versions, so two checkouts or versions on one
+    machine never rebuild, or load, each other's build (torch's own folder is one per
+    name, shared by all). The place counts too: torch's build file names the sources by
+    path, so two checkouts of the same sources sharing a folder would rebuild it each
+    time they took turns. root: `$TORCH_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/ssamba`
+    (~/.cache/ssamba).
     """
     if root is None:
         cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cache) / "ssamba")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(_CSRC.resolve()).encode() + b"\0")
     for source in sorted(_CSRC.iterdir()):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
