@@ -502,7 +502,7 @@ def test_a_run_shorter_than_its_epoch_validates_at_its_last_step(
     assert pretrain_main(pretrain_options(subset_shards, tmp_path, "--trainer.max_steps=3")) == 0
 
     checkpoints = tmp_path / "fsdd_tiny_cpu" / "version_0" / "checkpoints"
-    assert [p.name.split("-acc")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-step3"]
+    assert [p.name.split("-mse")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-step3"]
 
 
 def test_a_recipe_whose_shards_are_not_written_yet_says_to_shard_first(
