@@ -17,10 +17,11 @@ checkpoints). Any key can be overridden on the command line, e.g.
 value stops the run before any step with one line naming it (exit code 2).
 
 Checkpoints go to `<logger folder>/checkpoints/`: last.ckpt at every validation and the
-best by the recipe's monitor (val/acc in the published recipes; val/mse in the CPU recipe,
-which trains the generative loss only). `--ckpt_path last` resumes the newest last.ckpt in the same folder
-(step count, optimiser, learning-rate schedule and plateau state; the data stream goes
-on with fresh clips), or starts from scratch when there is none yet. At the end the
+best by the recipe's monitor (val/acc in the published recipes; val/mse in the CPU
+recipe, which trains the generative loss only). `--ckpt_path last` resumes the newest
+last.ckpt in the same folder (step count, optimiser, learning-rate schedule and plateau
+state; the data stream goes on with fresh clips), or starts from scratch when there is
+none yet. At the end the
 encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune` (with
 `--trainer.logger false`: to `trainer.default_root_dir`, by default
 runs/pretrain/<recipe name>/).
