@@ -21,9 +21,8 @@ best by the recipe's monitor (val/acc in the published recipes; val/mse in the C
 recipe, which trains the generative loss only). `--ckpt_path last` resumes the newest
 last.ckpt in the same folder (step count, optimiser, learning-rate schedule and plateau
 state; the data stream goes on with fresh clips), or starts from scratch when there is
-none yet. At the end the
-encoder is exported to `<logger folder>/encoder.pt` for `ssamba finetune` (with
-`--trainer.logger false`: to `trainer.default_root_dir`, by default
+none yet. At the end the encoder is exported to `<logger folder>/encoder.pt` for `ssamba
+finetune` (with `--trainer.logger false`: to `trainer.default_root_dir`, by default
 runs/pretrain/<recipe name>/).
 
 Several processes: Lightning DDP (`--trainer.strategy ddp --trainer.devices N
