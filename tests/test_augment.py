@@ -132,12 +132,12 @@ def test_mspm_reconstructs_the_clean_input_while_the_encoder_reads_the_noisy_one
         plain = task.mspm(noisy, 10, torch.Generator().manual_seed(3))
     targets = task.encoder.unfold_patches(clean)[0][out.mask]
     mse = (out.reconstruction - targets).square().mean()
-    assert float(out.mse) == pytest.approx(float(mse), rel=1e-5)
+    assert float(out.metrics["mse"]) == pytest.approx(float(mse), rel=1e-5)
     # same masks and the same encoder input: only the targets differ
     assert torch.equal(out.mask, plain.mask) and torch.equal(
         out.reconstruction, plain.reconstruction
     )
-    assert float(out.mse) != pytest.approx(float(plain.mse), rel=1e-3)
+    assert float(out.metrics["mse"]) != pytest.approx(float(plain.metrics["mse"]), rel=1e-3)
 
 
 def test_the_teacher_encodes_the_clean_input(digits):

@@ -291,9 +291,44 @@ def test_joint_loss_draws_one_mask_per_pass_like_the_originals(fsdd_fbank):
     assert not torch.equal(first, second)
     # the reconstruction (generative pass) used the second draw
     assert torch.equal(out.mask, second[0])
-    assert float(out.loss) == pytest.approx(float(out.nce + 10.0 * out.mse), rel=1e-6)
-    assert all(math.isfinite(float(v)) for v in (out.loss, out.nce, out.mse))
+    nce, mse = out.metrics["nce"], out.metrics["mse"]
+    assert float(out.loss) == pytest.approx(float(nce + 10.0 * mse), rel=1e-6)
+    assert all(math.isfinite(float(v)) for v in (out.loss, nce, mse))
     assert out.reconstruction.shape == (10, 256)
+
+
+def test_a_half_of_weight_zero_is_neither_run_nor_given_a_head(fsdd_fbank):
+    joint = _tiny_task(nce_weight=1.0, mse_weight=10.0)
+    generative = _tiny_task(nce_weight=0.0, mse_weight=10.0)
+    generative.load_state_dict(joint.state_dict(), strict=False)  # same encoder and gpredlayer
+    assert not hasattr(generative, "cpredlayer") and hasattr(generative, "gpredlayer")
+    assert "cpredlayer.0.weight" in joint.state_dict()
+    with torch.no_grad():
+        out = generative.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
+        both = joint.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
+
+    assert set(out.metrics) == {"mse"}
+    assert float(out.loss) == pytest.approx(10.0 * float(out.metrics["mse"]), rel=1e-6)
+    # the only pass draws the generator's first mask (the joint loss' discriminative one)
+    replay = torch.Generator().manual_seed(5)
+    assert torch.equal(out.mask, make_mask(4, joint.encoder.grid, 10, (2, 3), replay)[0])
+    assert not torch.equal(out.mask, both.mask)
+
+    discriminative = _tiny_task(nce_weight=1.0, mse_weight=0.0)
+    assert not hasattr(discriminative, "gpredlayer")
+    with torch.no_grad():
+        nce_only = discriminative.mspm(fsdd_fbank, 10, torch.Generator().manual_seed(5))
+    assert set(nce_only.metrics) == {"nce", "acc", "acc_raw"} and nce_only.mask is None
+    assert float(nce_only.loss) == pytest.approx(float(nce_only.metrics["nce"]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [((0.0, 0.0), "both 0: nothing to learn"), ((-1.0, 10.0), "nce_weight=-1.0 must be >= 0")],
+)
+def test_objective_weights_are_checked(weights, message):
+    with pytest.raises(ValueError, match=message):
+        MSPMConfig(nce_weight=weights[0], mse_weight=weights[1])
 
 
 def test_validation_masks_default_to_400_of_512_patches():
@@ -456,15 +491,16 @@ def test_fsdd_run_learns_logs_keeps_the_best_checkpoint_and_exports_the_encoder(
     run = tmp_path / "fsdd_tiny_cpu" / "version_0"
     logged = scalars(run)
 
-    # the losses are finite and the reconstruction error the recipe trains (its InfoNCE
-    # weight is 0) falls; the InfoNCE terms are still measured and logged
-    for tag in ("train/loss", "train/nce", "train/mse", "val/loss", "val/nce", "val/mse"):
+    # the losses are finite and the reconstruction error the recipe trains falls; its
+    # InfoNCE weight is 0, so that half is neither computed nor logged
+    for tag in ("train/loss", "train/mse", "val/loss", "val/mse"):
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
+    assert not {"train/nce", "train/acc", "val/nce", "val/acc"} & set(logged)
     train = [logged["train/loss"][s] for s in sorted(logged["train/loss"])]
     assert sum(train[-3:]) / 3 < 0.85 * sum(train[:3]) / 3
     val_loss = [logged["val/loss"][s] for s in sorted(logged["val/loss"])]
     val_mse = [logged["val/mse"][s] for s in sorted(logged["val/mse"])]
-    assert len(val_mse) == len(logged["val/acc"]) == steps // every
+    assert len(val_mse) == len(val_loss) == steps // every
     assert val_loss[-1] < val_loss[0] and val_mse[-1] < val_mse[0]
     assert val_loss == pytest.approx([10 * v for v in val_mse])  # mse_weight 10, nce 0
     assert "mspm/example" in image_tags(run)

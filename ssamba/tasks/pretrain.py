@@ -6,7 +6,10 @@ and the encoder must, at every masked position,
   InfoNCE through `cpredlayer`), and
 - regress the raw patch values (generative, MSE through `gpredlayer`).
 The joint loss is `nce_weight * nce + mse_weight * mse` (1 and 10 in the originals), each
-term from its own forward pass with its own mask, as the originals do.
+term from its own forward pass with its own mask, as the originals do. A term of weight 0
+is not computed at all, nor its head built (the CPU recipe trains the generative half only:
+one pass per step instead of two, and no parameters that no loss reaches under DDP); its
+metrics are then not logged.
 
 Settings: `model.objective` is an `MSPMConfig` (the default) or an `EATConfig`. Faithful
 defaults, documented options (docs/originals.md#mspm):
@@ -61,11 +64,10 @@ __all__ = ["MSPMConfig", "PretrainTask", "ScheduleConfig", "info_nce", "no_weigh
 
 # The originals validate with 400 of 512 masked patches whatever they train with.
 VAL_MASK_FRACTION = 400 / 512
-# Clip-weighted sums a validation epoch accumulates (the last is the clip count).
-VAL_SUMS = {
-    "mspm": ("loss", "nce", "mse", "acc", "acc_raw", "clips"),
-    "eat": ("loss", "frame", "utterance", "clips"),
-}
+# Metrics of each objective (and each MSPM half) a validation epoch sums, weighted by clips.
+NCE_METRICS = ("nce", "acc", "acc_raw")
+MSE_METRICS = ("mse",)
+EAT_METRICS = ("frame", "utterance")
 NCE_AXES = ("original", "paper")
 # Parameters that weight decay would only pull towards zero for no benefit: position and
 # special tokens, the SSM's log-decay rates and skip gains.
@@ -123,7 +125,8 @@ class MSPMConfig:
         middle masked most, patch 0 never); "uniform" masks every frequency row equally.
         Frame models always sample uniformly.
     cluster_sizes: block sizes drawn per clip (the originals: 3, 4, 5).
-    nce_weight, mse_weight: the joint loss' weights (the originals: 1 and 10).
+    nce_weight, mse_weight: the joint loss' weights (the originals: 1 and 10); a half of
+        weight 0 is skipped: no forward pass, no head, no metrics.
     nce_axis: "original" (softmax over the predictions, the released code) or "paper"
         (SSAST's equation 1, over the candidate targets).
     temperature: divides the InfoNCE scores (the originals: 1, raw dot products).
@@ -143,7 +146,32 @@ class MSPMConfig:
             raise ValueError(f"model.objective.temperature={self.temperature} must be > 0")
         if self.nce_axis not in NCE_AXES:
             raise ValueError(f"model.objective.nce_axis={self.nce_axis!r}: choose {NCE_AXES}")
+        for key in ("nce_weight", "mse_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.objective.{key}={getattr(self, key)} must be >= 0")
+        if not (self.uses_nce or self.uses_mse):
+            raise ValueError(
+                "model.objective.nce_weight and mse_weight are both 0: nothing to learn"
+            )
         object.__setattr__(self, "cluster_sizes", tuple(self.cluster_sizes))  # YAML lists
+
+    @property
+    def uses_nce(self) -> bool:
+        """Whether the discriminative (InfoNCE) pass runs."""
+        return self.nce_weight > 0
+
+    @property
+    def uses_mse(self) -> bool:
+        """Whether the generative (reconstruction) pass runs."""
+        return self.mse_weight > 0
+
+    def metric_names(self) -> tuple[str, ...]:
+        """What a step measures: the loss, then each running half's own metrics."""
+        return (
+            "loss",
+            *(NCE_METRICS if self.uses_nce else ()),
+            *(MSE_METRICS if self.uses_mse else ()),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,15 +214,14 @@ def objective_name(objective: MSPMConfig | EATConfig) -> Literal["mspm", "eat"]:
 
 @dataclass
 class MSPMOutput:
-    """One MSPM evaluation: losses and the tensors a picture of it needs (first clip)."""
+    """One MSPM evaluation: the loss, each running half's metrics (`metrics`, named as
+    `MSPMConfig.metric_names` without "loss") and, when the generative half runs, the
+    tensors a picture of it needs (first clip)."""
 
     loss: Tensor
-    nce: Tensor
-    mse: Tensor
-    accuracy: Tensor
-    raw_accuracy: Tensor
-    mask: Tensor  # (num_patches,) bool, of the generative pass
-    reconstruction: Tensor  # (masked, patch_dim), generative predictions
+    metrics: dict[str, Tensor]
+    mask: Tensor | None = None  # (num_patches,) bool, of the generative pass
+    reconstruction: Tensor | None = None  # (masked, patch_dim), generative predictions
 
 
 class PretrainTask(LightningModule):
@@ -265,11 +292,14 @@ class PretrainTask(LightningModule):
         self.hparams.schedule = schedule.to_dict()
         if isinstance(objective, EATConfig):
             self.eat = EATObjective(self.encoder, objective)
-        else:  # only the objective's own heads: DDP refuses parameters no loss reaches
-            self.cpredlayer = self._head(dim, self.encoder.patch_dim)
-            self.gpredlayer = self._head(dim, self.encoder.patch_dim)
+        else:  # only the running halves' heads: DDP refuses parameters no loss reaches
+            if objective.uses_nce:
+                self.cpredlayer = self._head(dim, self.encoder.patch_dim)
+            if objective.uses_mse:
+                self.gpredlayer = self._head(dim, self.encoder.patch_dim)
         self.plateau = PlateauScale(schedule.plateau_factor, schedule.plateau_patience)
-        self._val_names = VAL_SUMS[self.kind]
+        metrics = ("loss", *EAT_METRICS) if self.kind == "eat" else objective.metric_names()
+        self._val_names = (*metrics, "clips")
         self._val_sums = torch.zeros(len(self._val_names))  # summed over the validation epoch
 
     @staticmethod
@@ -291,6 +321,8 @@ class PretrainTask(LightningModule):
         clean: Tensor | None = None,
     ) -> MSPMOutput:
         """Joint discriminative + generative loss on one batch; fbank: (B, T, F).
+
+        Each half of nonzero weight draws its own mask, the discriminative one first.
 
         clean: (B, T, F), the same clips before augmentation (`data.augment.clean_targets`):
         the targets are its patches while the encoder reads `fbank`. None: `fbank`'s own.
@@ -316,18 +348,23 @@ class PretrainTask(LightningModule):
             return values[mask].view(batch, n_masked, *values.shape[2:])
 
         # Two passes with independent masks, one per loss, as the originals.
-        mask = draw()
-        hidden = self.masked_hidden(fbank, mask)
-        nce, accuracy, raw_accuracy = info_nce(
-            self.cpredlayer(hidden), at(mask, targets), cfg.nce_axis, cfg.temperature
-        )
-        mask = draw()
-        reconstruction = self.gpredlayer(self.masked_hidden(fbank, mask))
-        mse = (reconstruction.float() - at(mask, targets).float()).square().mean()
-        loss = cfg.nce_weight * nce + cfg.mse_weight * mse
-        return MSPMOutput(
-            loss, nce, mse, accuracy, raw_accuracy, mask[0], reconstruction[0].detach()
-        )
+        out = MSPMOutput(loss=fbank.new_zeros((), dtype=torch.float32), metrics={})
+        if cfg.uses_nce:
+            mask = draw()
+            hidden = self.masked_hidden(fbank, mask)
+            nce, accuracy, raw_accuracy = info_nce(
+                self.cpredlayer(hidden), at(mask, targets), cfg.nce_axis, cfg.temperature
+            )
+            out.loss = out.loss + cfg.nce_weight * nce
+            out.metrics |= {"nce": nce, "acc": accuracy, "acc_raw": raw_accuracy}
+        if cfg.uses_mse:
+            mask = draw()
+            reconstruction = self.gpredlayer(self.masked_hidden(fbank, mask))
+            mse = (reconstruction.float() - at(mask, targets).float()).square().mean()
+            out.loss = out.loss + cfg.mse_weight * mse
+            out.metrics["mse"] = mse
+            out.mask, out.reconstruction = mask[0], reconstruction[0].detach()
+        return out
 
     def _train_generator(self, batch_idx: int) -> torch.Generator:
         """Training masks from (seed, rank, optimizer step, micro-batch)."""
@@ -359,12 +396,15 @@ class PretrainTask(LightningModule):
             return out.loss
         out = self.mspm(fbank, self.objective.n_masked, self._train_generator(batch_idx), clean)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log("train/nce", out.nce, batch_size=size)
-        self.log("train/mse", out.mse, batch_size=size)
-        self.log("train/acc", out.accuracy, prog_bar=True, batch_size=size)
-        self.log("train/acc_raw", out.raw_accuracy, batch_size=size)
+        for name, value in out.metrics.items():
+            self.log(f"train/{name}", value, prog_bar=name == "acc", batch_size=size)
         every = self.hparams.image_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if (
+            every
+            and out.reconstruction is not None
+            and self.global_step % every == 0
+            and self.trainer.is_global_zero
+        ):
             self._log_picture(fbank[0].detach(), out)
         return out.loss
 
@@ -391,7 +431,7 @@ class PretrainTask(LightningModule):
         else:
             assert self.objective.n_masked_val is not None  # set in __init__
             mspm = self.mspm(fbank, self.objective.n_masked_val, generators)
-            values = [mspm.loss, mspm.nce, mspm.mse, mspm.accuracy, mspm.raw_accuracy]
+            values = [mspm.loss, *(mspm.metrics[name] for name in self._val_names[1:-1])]
         self._val_sums += torch.stack(
             [v.detach() * clips for v in values] + [values[0].new_tensor(clips)]
         )
@@ -411,7 +451,7 @@ class PretrainTask(LightningModule):
         if "acc" in means:
             self.log("val/acc", means["acc"], prog_bar=True, sync_dist=True)
         # Like the originals' ReduceLROnPlateau, every evaluation counts, those inside the
-        # warm-up too (the masked accuracy; the teacher-student objective has its loss).
+        # warm-up too (the masked accuracy; without the InfoNCE half, the loss).
         if not self.trainer.sanity_checking:
             self.plateau.step(means["acc"] if "acc" in means else -means["loss"])
 
@@ -480,6 +520,7 @@ class PretrainTask(LightningModule):
 
     def _log_picture(self, fbank: Tensor, out: MSPMOutput) -> None:
         """Input, mask and reconstruction of one clip as a TensorBoard figure."""
+        assert out.mask is not None and out.reconstruction is not None  # generative half ran
         logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is None:
             return
