@@ -23,8 +23,9 @@
      non-held-out groups: a mean over several test groups and several pretrainings.
 2. Pretrain an encoder with `ssamba pretrain` (`--pretrain-recipe`, the CPU recipe by
    default) on the protocol's pretraining clips, by clip id (once per fold with
-   `--dev-rotate`, once for every fold otherwise); its validation clips (masked
-   accuracy) are a fixed tenth of them, never a test clip. `--pretrain-shards` pretrains
+   `--dev-rotate`, once for every fold otherwise; once per seed of `--pretrain-seeds`,
+   whose pretrained rows average every pretraining); its validation clips are a fixed
+   tenth of them, never a test clip. `--pretrain-shards` pretrains
    on other folders instead, `--pretrain-extra` on other folders beside those clips (e.g.
    `make devset-speech`: more voices), both refused when any test clip's audio is in
    them. `--encoder` names an encoder file and skips pretraining (its pretraining data is
@@ -173,6 +174,7 @@ class Run:
     train_clips: int
     train_ids: list[str]  # the clips this model was trained on, as passed to its training
     seconds: float
+    pretrain_seed: int | None = None  # --pretrain-seeds' seed of a pretrained row's encoder
 
 
 # ---------------------------------------------------------------------------- command line
@@ -206,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-args",
         default="",
         help="extra `ssamba pretrain` overrides, one string, e.g. '--trainer.max_steps=500'",
+    )
+    parser.add_argument(
+        "--pretrain-seeds",
+        metavar="S1,S2",
+        help="pretrain once per seed (its seed_everything, model.seed and data.seed), the "
+        "pretrained rows averaged over every pretraining (default: once, the recipe's "
+        "seed). One pretraining's random draws move FSDD's development mean by 4-5 "
+        "points: compare levers with 2-3",
     )
     parser.add_argument("--labels-per-class", default="1,5,20,all", help="budgets, comma list")
     parser.add_argument(
@@ -315,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if set(tuned) - set(budgets):
             raise InputError("--finetune-labels-per-class: budgets not in --labels-per-class")
         seeds = parse_ints(args.seeds, "--seeds")
+        pretrain_seeds: list[int | None] = [None]
+        if args.pretrain_seeds is not None:
+            if args.encoder:
+                raise InputError("--pretrain-seeds: --encoder names a trained encoder")
+            pretrain_seeds = list(parse_ints(args.pretrain_seeds, "--pretrain-seeds"))
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if not modes or set(modes) - set(MODES):
             raise InputError(f"--modes: {args.modes!r}; choose from {', '.join(MODES)}")
@@ -354,24 +369,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared = args.encoder or args.pretrain_shards
         pools = {(): protocol.folds} if shared else protocol.pretraining_pools()
         for ids, pool_folds in pools.items():
-            if args.encoder:
-                encoder, pretrained_on = args.encoder, None
-            else:
-                folder = re.sub(r"[^\w.-]", "_", pool_folds[0].name)  # a group name as a folder
-                name = "pretrain" if len(pools) == 1 else f"pretrain-{folder}"
-                encoder, pretrained_on = pretrain(args, ids, out / name)
-            runs += evaluate(
-                args.shards, clips, encoder, pool_folds, budgets, seeds, modes, settings
-            )
-            folds += [
-                {
-                    "name": f.name,
-                    "test_ids": list(f.test_ids),
-                    "pretraining_ids": pretrained_on,
-                    "encoder": str(Path(encoder).resolve()),
-                }
-                for f in pool_folds
-            ]
+            for pretrain_seed in pretrain_seeds:
+                if args.encoder:
+                    encoder, pretrained_on = args.encoder, None
+                else:
+                    folder = re.sub(r"[^\w.-]", "_", pool_folds[0].name)  # a group as a folder
+                    name = "pretrain" if len(pools) == 1 else f"pretrain-{folder}"
+                    if pretrain_seed is not None:
+                        name += f"-seed{pretrain_seed}"
+                    encoder, pretrained_on = pretrain(args, ids, out / name, pretrain_seed)
+                # random init and fbank-stats do not depend on the pretraining: once
+                inits = INITS if pretrain_seed == pretrain_seeds[0] else ("pretrained",)
+                runs += evaluate(
+                    args.shards,
+                    clips,
+                    encoder,
+                    pool_folds,
+                    budgets,
+                    seeds,
+                    modes,
+                    settings,
+                    inits,
+                    pretrain_seed,
+                )
+                folds += [
+                    {
+                        "name": f.name,
+                        "test_ids": list(f.test_ids),
+                        "pretraining_ids": pretrained_on,
+                        "encoder": str(Path(encoder).resolve()),
+                        "pretrain_seed": pretrain_seed,
+                    }
+                    for f in pool_folds
+                ]
     except (InputError, UnwritableError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -564,10 +594,13 @@ def pretrain_sources(
     return sources, {"shards": str(folders[0]), "ids": val}, [i for ids in held for i in ids]
 
 
-def pretrain(args: argparse.Namespace, ids: Sequence[str], folder: Path) -> tuple[Path, list[str]]:
+def pretrain(
+    args: argparse.Namespace, ids: Sequence[str], folder: Path, seed: int | None = None
+) -> tuple[Path, list[str]]:
     """Run `ssamba pretrain` with the recipe on the clips `ids` (and --pretrain-extra or
-    --pretrain-shards), logging under `folder`; returns the exported encoder file and the
-    ids of every clip pretraining read."""
+    --pretrain-shards), logging under `folder`, with every seed of the run set to `seed`
+    (None: the recipe's); returns the exported encoder file and the ids of every clip
+    pretraining read."""
     import shlex
 
     from ssamba.data.shard_format import fbank_stats
@@ -588,6 +621,8 @@ def pretrain(args: argparse.Namespace, ids: Sequence[str], folder: Path) -> tupl
         f"--trainer.logger.init_args.save_dir={folder}",
         *shlex.split(args.pretrain_args),
     ]
+    if seed is not None:  # model and data keep their own seeds: all three, or none
+        argv += [f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}"]
     shown = [a if len(a) < 200 else a[:120] + " ...]" for a in argv]
     print(f"== pretrain on {len(read)} clips: ssamba pretrain {shlex.join(shown)}", flush=True)
     try:
@@ -784,8 +819,11 @@ def evaluate(
     seeds: list[int],
     modes: list[str],
     settings: FinetuneSettings,
+    inits: Sequence[str] = INITS,
+    pretrain_seed: int | None = None,
 ) -> list[Run]:
-    """Every (fold, seed, budget, init, mode): train, test, record."""
+    """Every (fold, seed, budget, init, mode): train, test, record; `pretrain_seed` is
+    recorded on the pretrained rows (the seed `encoder_file` was pretrained with)."""
     from ssamba.models.encoder_file import load_encoder_file
 
     bundle = load_encoder_file(encoder_file)
@@ -810,7 +848,7 @@ def evaluate(
             features.frames,
             settings.probe_read,
         )
-        for seed in seeds:
+        for seed in seeds if "random" in inits else ():
             embeddings[("random", seed)] = embed_all(
                 build_task(encoder_file, "random", seed, "linear", settings, classes),
                 features.fbank,
@@ -824,7 +862,7 @@ def evaluate(
                 train = clips.draw(fold.train_ids, budget, seed)
                 rows, test_rows = features.rows(train), features.rows(fold.test_ids)
                 y, test_y = features.label[rows], features.label[test_rows]
-                for init in INITS:
+                for init in inits:
                     for mode in modes:
                         if mode == "finetune" and (
                             init not in LEARNED or budget not in (settings.budgets or budgets)
@@ -863,6 +901,7 @@ def evaluate(
                             len(trained_on),
                             trained_on,
                             time.monotonic() - began,
+                            pretrain_seed if init == "pretrained" else None,
                         )
                         runs.append(run)
                         print(
@@ -875,8 +914,9 @@ def evaluate(
 
 # ---------------------------------------------------------------------------- outputs
 def summarise(runs: list[Run]) -> list[dict[str, Any]]:
-    """Mean +/- std per (mode, budget, init) over seeds (fold means first) and folds; an
-    init that did not run in a mode (fbank-stats is only probed) is left out of its row."""
+    """Mean +/- std per (mode, budget, init) over seeds (fold means first; a seed per
+    pretraining seed and probe seed pair with --pretrain-seeds) and folds; an init that
+    did not run in a mode (fbank-stats is only probed) is left out of its row."""
     rows = []
     keys = sorted(
         {(r.mode, r.labels_per_class) for r in runs},
@@ -888,9 +928,9 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
             cell = [r for r in runs if (r.mode, r.labels_per_class, r.init) == (mode, budget, init)]
             if not cell:
                 continue
-            per_seed: dict[int, list[float]] = {}
+            per_seed: dict[tuple[int | None, int], list[float]] = {}
             for r in cell:
-                per_seed.setdefault(r.seed, []).append(r.accuracy)
+                per_seed.setdefault((r.pretrain_seed, r.seed), []).append(r.accuracy)
             seed_means = [statistics.fmean(v) for v in per_seed.values()]
             values = seed_means if len(seed_means) > 1 else [r.accuracy for r in cell]
             row[init] = {
@@ -912,7 +952,13 @@ def _cell(value: dict[str, Any] | None) -> str:
     return f"{value['mean'] * 100:.1f} ± {value['std'] * 100:.1f}"
 
 
-def format_table(summary: list[dict[str, Any]], protocol: str, minutes: float, seeds: int) -> str:
+def format_table(
+    summary: list[dict[str, Any]],
+    protocol: str,
+    minutes: float,
+    seeds: int,
+    pretrain_seeds: Sequence[int | None] = (None,),
+) -> str:
     lines = [
         "| mode | labels per class | pretrained | random init | fbank-stats | "
         "pretrained - random |",
@@ -926,6 +972,9 @@ def format_table(summary: list[dict[str, Any]], protocol: str, minutes: float, s
         )
     runs = max((row["pretrained"]["n"] for row in summary), default=1)
     over = f"mean ± std over {runs} {'seeds' if seeds > 1 else 'folds'}" if runs > 1 else "one run"
+    if len(pretrain_seeds) > 1:
+        listed = ", ".join(str(s) for s in pretrain_seeds)
+        over += f" (pretrained: every seed of each pretraining, pretraining seeds {listed})"
     lines.append(
         f"\nTest accuracy (%), {protocol}, {over}; fbank-stats: a linear probe on each "
         f"clip's per-mel-bin mean and std; {minutes:.1f} minutes in all."
@@ -988,7 +1037,10 @@ def write_outputs(
     name each fold's encoder file, "encoder" the one they share (null when they differ)."""
     summary = summarise(runs)
     seeds = len({r.seed for r in runs})
-    table = format_table(summary, protocol, minutes, seeds)
+    pretrain_seeds = sorted(
+        {r.pretrain_seed for r in runs if r.init == "pretrained"}, key=lambda s: s or 0
+    )
+    table = format_table(summary, protocol, minutes, seeds, pretrain_seeds)
     results = {
         "protocol": protocol,
         "encoder": folds[0]["encoder"] if len({f["encoder"] for f in folds}) == 1 else None,

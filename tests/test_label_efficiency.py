@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_datamodules import FixtureClip, fsdd_clips, write_shard_folder
 
 from ssamba import label_efficiency
@@ -326,6 +327,8 @@ def test_pretrain_shards_holding_test_audio_are_refused_before_training(
         ("rotate_one_group", "no speaker is left to train on"),
         ("missing_encoder", "no such file"),
         ("negative_l2", "--probe-l2: -1.0"),
+        ("pretrain_seeds_with_encoder", "--pretrain-seeds: --encoder names a trained"),
+        ("pretrain_seeds_not_integers", "--pretrain-seeds"),
     ],
 )
 def test_bad_input_stops_with_one_line_before_any_training(
@@ -350,6 +353,10 @@ def test_bad_input_stops_with_one_line_before_any_training(
         extra += ["--loso", "speaker", "--heldout", "theo,jackson", "--dev-rotate"]
     elif problem == "negative_l2":
         extra += ["--probe-l2", "-1"]
+    elif problem == "pretrain_seeds_with_encoder":
+        extra += ["--pretrain-seeds", "0,1"]
+    elif problem == "pretrain_seeds_not_integers":
+        extra = ["--pretrain-seeds", "0,one"]
     else:
         extra = ["--encoder", tmp_path / "nope.pt", "--labels-per-class", "1"]
     out = tmp_path / "out"
@@ -414,3 +421,49 @@ def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp
     assert results["encoder"] is None  # two encoders, one per fold
     assert {r["fold"] for r in results["runs"]} == {"george", "jackson"}
     assert "in turn" in (out / "run-1" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_pretrain_seeds_pretrain_once_each_and_average_the_pretrained_rows(shards, tmp_path):
+    out = tmp_path / "le"
+    code = run(
+        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
+        "--modes", "linear", "--labels-per-class", "1,all", "--seeds", "0,1",
+        "--pretrain-seeds", "3,4",
+    )  # fmt: skip
+
+    assert code == 0
+    results = json.loads((out / "run-1" / "results.json").read_text())
+    folds = results["folds"]
+    assert [(f["name"], f["pretrain_seed"]) for f in folds] == [("theo", 3), ("theo", 4)]
+    assert results["encoder"] is None  # one encoder per pretraining seed
+    files = [Path(f["encoder"]) for f in folds]
+    assert [f"pretrain-seed{s}" in str(p) for s, p in zip((3, 4), files, strict=True)] == [True] * 2
+    # each pretraining ran with all three of its run's seeds set: other weights
+    for seed, file in zip((3, 4), files, strict=True):
+        config = yaml.safe_load((file.parent / "config.yaml").read_text())
+        assert (config["seed_everything"], config["model"]["seed"], config["data"]["seed"]) == (
+            seed,
+            seed,
+            seed,
+        )
+    weights = [load_encoder_file(f).encoder.state_dict() for f in files]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    # pretrained rows once per pretraining, random init and fbank-stats once
+    runs = results["runs"]
+    count = {i: sum(r["init"] == i for r in runs) for i in ("pretrained", "random", "fbank-stats")}
+    assert count == {"pretrained": 2 * 2 * 2, "random": 2 * 2, "fbank-stats": 2 * 2}
+    assert {r["pretrain_seed"] for r in runs if r["init"] == "pretrained"} == {3, 4}
+    assert {r["pretrain_seed"] for r in runs if r["init"] != "pretrained"} == {None}
+    # the pretrained cell averages every (pretraining seed, probe seed) pair
+    for row in results["summary"]:
+        cell = [
+            r["accuracy"]
+            for r in runs
+            if r["init"] == "pretrained" and r["labels_per_class"] == row["labels_per_class"]
+        ]
+        assert row["pretrained"]["n"] == 4
+        assert row["pretrained"]["mean"] == pytest.approx(statistics.fmean(cell))
+        assert row["random"]["n"] == 2
+    assert "pretraining seeds 3, 4" in (out / "run-1" / "results.md").read_text()
