@@ -536,3 +536,20 @@ def test_a_linear_probe_run_says_its_lines_once_and_no_eval_mode_warning(
     assert "clips: " not in second and "trainable encoder parameters" not in second
 
     assert not [w for w in recwarn if "in eval mode" in str(w.message)]
+
+
+def test_a_model_seed_that_differs_from_the_data_seed_fails_in_one_line_naming_both(
+    subset_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Lightning logs both as one `seed` hyperparameter and would stop with a traceback
+    out = tmp_path / "run"
+    options = pretrain_options(subset_shards, out, "--trainer.max_steps=1", "--model.seed=1")
+
+    assert pretrain_main(options) == 2
+
+    err = capfd.readouterr().err
+    assert error_lines(err) == [
+        "ssamba pretrain: error: model.seed=1 and data.seed=0 differ: Lightning logs both as "
+        "one hyperparameter; set both (e.g. --model.seed and --data.seed to the same value)"
+    ]
+    assert "Traceback" not in err and not out.exists()

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -457,6 +457,7 @@ class SsambaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         self._keep_files_out_of_the_current_directory()
         self._validate_within_max_steps()
+        self._refuse_differing_shared_settings()
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path == LAST:
             self._resume_in_last_version()
@@ -479,6 +480,22 @@ class SsambaCLI(LightningCLI):
             interval = epoch
         if max_steps > 0 and isinstance(interval, int) and interval > max_steps:
             trainer.val_check_interval = max_steps
+
+    def _refuse_differing_shared_settings(self) -> None:
+        """Lightning logs the model's and the data's settings as one set of hyperparameters
+        and stops the run at its start with a traceback when a name both have differs
+        (`seed`: `--model.seed 1` alone); refuse it here, in one line naming both keys."""
+        model, data = self.config.get("model"), self.config.get("data")
+        if not (isinstance(model, Namespace) and isinstance(data, Namespace)):
+            return
+        model_values, data_values = vars(model), vars(data)
+        for key in sorted(model_values.keys() & data_values.keys()):
+            if model_values[key] != data_values[key]:
+                raise ValueError(
+                    f"model.{key}={model_values[key]!r} and data.{key}={data_values[key]!r} "
+                    "differ: Lightning logs both as one hyperparameter; set both "
+                    f"(e.g. --model.{key} and --data.{key} to the same value)"
+                )
 
     def _keep_files_out_of_the_current_directory(self) -> None:
         """Without a logger, Lightning writes checkpoints (and pretraining its encoder.pt)
