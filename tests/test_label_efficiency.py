@@ -66,6 +66,14 @@ def run(*args: str) -> int:
     return label_efficiency.main([*map(str, args), "--threads", "1"])
 
 
+def run_pretraining_per_speaker(shards: Path, out: Path, *args: str) -> int:
+    """The tool on `shards` with the seconds-long pretraining, speakers held out."""
+    return run(
+        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
+        *args,
+    )  # fmt: skip
+
+
 def options(*args: str) -> label_efficiency.argparse.Namespace:
     return label_efficiency.build_parser().parse_args(["--shards", "s", *args])
 
@@ -375,8 +383,8 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
     # with the padding of short clips left out of the probes' and fine-tunes' pooling
     # (the default path runs in test_demo)
     out = tmp_path / "le"
-    code = run(
-        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
+    code = run_pretraining_per_speaker(
+        shards, out,
         "--labels-per-class", "1,all", "--seeds", "0", "--finetune-min-steps", "4",
         "--finetune-epochs", "1", "--ignore-padding", "--pooling", "stats",
     )  # fmt: skip
@@ -405,8 +413,8 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
 @pytest.mark.slow
 def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp_path):
     out = tmp_path / "le"
-    code = run(
-        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
+    code = run_pretraining_per_speaker(
+        shards, out,
         "--dev-rotate", "--modes", "linear", "--labels-per-class", "1", "--seeds", "0",
     )  # fmt: skip
 
@@ -426,8 +434,8 @@ def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp
 @pytest.mark.slow
 def test_pretrain_seeds_pretrain_once_each_and_average_the_pretrained_rows(shards, tmp_path):
     out = tmp_path / "le"
-    code = run(
-        "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
+    code = run_pretraining_per_speaker(
+        shards, out,
         "--modes", "linear", "--labels-per-class", "1,all", "--seeds", "0,1",
         "--pretrain-seeds", "3,4",
     )  # fmt: skip
