@@ -50,3 +50,13 @@ def fsdd_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     )
     assert code == 0, "sharding FSDD failed"
     return out
+
+
+@pytest.fixture(scope="session")
+def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of 3 FSDD speakers x 10 digits x takes 0-5 (150 official-test clips, 30
+    training clips), written once per session for the quick fine-tuning tests, which only
+    read them."""
+    from test_finetune import fsdd_subset
+
+    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))

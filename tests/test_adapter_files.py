@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_finetune import FSDD, SMALL, fsdd_subset, run_options
+from test_finetune import FSDD, SMALL, run_options
 
 from ssamba import hear
 from ssamba.embed.cli import main as embed_main
@@ -29,19 +29,14 @@ MODELS = Path(__file__).resolve().parents[1] / "ssamba" / "models"
 
 
 @pytest.fixture(scope="module")
-def shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
-
-
-@pytest.fixture(scope="module")
-def adapter_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def adapter_run(subset_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One short adapter run of the FSDD recipe on a random base encoder file."""
     root = tmp_path_factory.mktemp("adapter_run")
     torch.manual_seed(0)
     base = EncoderFile(AudioEncoder(EncoderConfig(**SMALL, input_frames=64)), None)
     base_path = base.save(root / "base.pt")
     options = [
-        *run_options(shards, root / "run"),
+        *run_options(subset_shards, root / "run"),
         f"--model.init={base_path}",
         "--model.mode=adapter",
         "--model.adapter.kind=bottleneck",
@@ -79,9 +74,9 @@ def test_an_adapter_file_on_another_base_is_refused_naming_both(
 
 
 def test_evaluate_scores_an_adapter_file_as_its_run_did(
-    adapter_run: dict, shards: Path, tmp_path: Path
+    adapter_run: dict, subset_shards: Path, tmp_path: Path
 ) -> None:
-    options = [f"--data.shards={shards}", "--trainer.enable_progress_bar=false"]
+    options = [f"--data.shards={subset_shards}", "--trainer.enable_progress_bar=false"]
     ckpt = adapter_run["file"]
 
     code = evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options, "--out", str(tmp_path)])

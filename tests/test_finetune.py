@@ -93,12 +93,6 @@ def fsdd_subset(fsdd_dir: Path, root: Path, takes: int = 6) -> Path:
 
 
 @pytest.fixture(scope="module")
-def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 speakers x 10 digits x takes 0-5: 150 test clips, 30 training clips."""
-    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
-
-
-@pytest.fixture(scope="module")
 def finetuned(subset_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One quick official-split fine-tuning run; returns its folder (with results.json)."""
     out = tmp_path_factory.mktemp("finetuned")

@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_finetune import FSDD, fsdd_subset, quick
+from test_finetune import FSDD, quick
 
 from ssamba.predict import main as predict_main
 from ssamba.tasks.evaluate_cli import main as evaluate_main
@@ -22,26 +22,21 @@ FRAMES = 256
 
 
 @pytest.fixture(scope="module")
-def shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
-
-
-@pytest.fixture(scope="module")
-def classifier(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def classifier(subset_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quick FSDD fine-tuning run's encoder.pt (head, labels, features)."""
     out = tmp_path_factory.mktemp("run")
-    options = [*quick(shards, out), f"--data.features.target_length={FRAMES}"]
+    options = [*quick(subset_shards, out), f"--data.features.target_length={FRAMES}"]
     assert finetune_main(["--config", str(FSDD), *options]) == 0
     return Path(json.loads(latest_results(out).read_text())["encoder_file"]["-"])
 
 
 def test_csv_labels_give_evaluates_accuracy_on_the_same_clips(
-    classifier: Path, shards: Path, tmp_path: Path
+    classifier: Path, subset_shards: Path, tmp_path: Path
 ) -> None:
     clips = tmp_path / "clips"  # the test clips exactly as the shards hold them
     clips.mkdir()
     digit = {}
-    for tar in sorted(shards.glob("*.tar")):
+    for tar in sorted(subset_shards.glob("*.tar")):
         with tarfile.open(tar) as archive:
             members = {m.name: m for m in archive.getmembers()}
             for name, member in members.items():
@@ -53,7 +48,7 @@ def test_csv_labels_give_evaluates_accuracy_on_the_same_clips(
                 key = name.removesuffix(".json")
                 (clips / f"{key}.flac").write_bytes(archive.extractfile(f"{key}.flac").read())
                 digit[f"{key}.flac"] = str(record["labels"][0])
-    options = [f"--data.shards={shards}", f"--data.features.target_length={FRAMES}"]
+    options = [f"--data.shards={subset_shards}", f"--data.features.target_length={FRAMES}"]
     ckpt = str(classifier)
     assert (
         evaluate_main(["--ckpt", ckpt, "--config", str(FSDD), *options, "--out", str(tmp_path)])

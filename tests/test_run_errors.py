@@ -22,7 +22,6 @@ from test_finetune import (
     FSDD_LOSO,
     REPO,
     SMALL,
-    fsdd_subset,
     quick,
     results_of,
 )
@@ -43,11 +42,6 @@ PRETRAIN = REPO / "recipes" / "pretrain" / "fsdd_tiny_cpu.yaml"
 
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if ": error:" in line]
-
-
-@pytest.fixture(scope="module")
-def subset_shards(fsdd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fsdd_subset(fsdd_dir, tmp_path_factory.mktemp("fsdd_subset"))
 
 
 @pytest.fixture(scope="module")
