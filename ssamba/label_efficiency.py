@@ -213,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-seeds",
         metavar="S1,S2",
         help="pretrain once per seed (its seed_everything, model.seed and data.seed), the "
-        "pretrained rows averaged over every pretraining (default: once, the recipe's "
-        "seed). One pretraining's random draws move FSDD's development mean by 4-5 "
-        "points: compare levers with 2-3",
+        "pretrained rows averaged over every pretraining and each one's own mean shown "
+        "(default: once, the recipe's seed). One pretraining's random draws move FSDD's "
+        "development mean by 4-5 points: compare levers with 2-3",
     )
     parser.add_argument("--labels-per-class", default="1,5,20,all", help="budgets, comma list")
     parser.add_argument(
@@ -938,6 +938,20 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "n": len(values),
             }
+            pretrainings = list(dict.fromkeys(k[0] for k in per_seed))
+            if len(pretrainings) > 1:
+                # How far one pretraining moves the cell: each pretraining's own mean over
+                # its probe seeds (fold means first), the spread that decides whether a
+                # lever's difference is more than a pretraining's random draws.
+                row[init]["per_pretraining"] = [
+                    {
+                        "pretrain_seed": seed,
+                        "mean": statistics.fmean(
+                            m for (p, _), m in zip(per_seed, seed_means, strict=True) if p == seed
+                        ),
+                    }
+                    for seed in pretrainings
+                ]
         row["difference"] = row["pretrained"]["mean"] - row["random"]["mean"]
         rows.append(row)
     return rows
@@ -959,22 +973,30 @@ def format_table(
     seeds: int,
     pretrain_seeds: Sequence[int | None] = (None,),
 ) -> str:
+    each = len(pretrain_seeds) > 1  # a column of each pretraining's own mean
     lines = [
         "| mode | labels per class | pretrained | random init | fbank-stats | "
-        "pretrained - random |",
-        "|---|---|---|---|---|---|",
+        "pretrained - random |" + (" pretrained, each pretraining |" if each else ""),
+        "|---|---|---|---|---|---|" + ("---|" if each else ""),
     ]
     for row in summary:
         cells = [_cell(row.get(i)) for i in INITS]
         budget = row["labels_per_class"] or "all"
-        lines.append(
+        line = (
             f"| {row['mode']} | {budget} | {' | '.join(cells)} | {row['difference'] * 100:+.1f} |"
         )
+        if each:
+            means = row["pretrained"].get("per_pretraining", [])
+            line += " " + (" / ".join(f"{m['mean'] * 100:.1f}" for m in means) or "-") + " |"
+        lines.append(line)
     runs = max((row["pretrained"]["n"] for row in summary), default=1)
     over = f"mean ± std over {runs} {'seeds' if seeds > 1 else 'folds'}" if runs > 1 else "one run"
     if len(pretrain_seeds) > 1:
         listed = ", ".join(str(s) for s in pretrain_seeds)
-        over += f" (pretrained: every seed of each pretraining, pretraining seeds {listed})"
+        over += (
+            f" (pretrained: every seed of each pretraining, pretraining seeds {listed}; the "
+            "last column gives each pretraining's own mean, in that order)"
+        )
     lines.append(
         f"\nTest accuracy (%), {protocol}, {over}; fbank-stats: a linear probe on each "
         f"clip's per-mel-bin mean and std; {minutes:.1f} minutes in all."

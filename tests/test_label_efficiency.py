@@ -474,4 +474,20 @@ def test_pretrain_seeds_pretrain_once_each_and_average_the_pretrained_rows(shard
         assert row["pretrained"]["n"] == 4
         assert row["pretrained"]["mean"] == pytest.approx(statistics.fmean(cell))
         assert row["random"]["n"] == 2
-    assert "pretraining seeds 3, 4" in (out / "run-1" / "results.md").read_text()
+        # ... and each pretraining's own mean is given beside it (one fold: its runs' mean)
+        each = row["pretrained"]["per_pretraining"]
+        assert [e["pretrain_seed"] for e in each] == [3, 4]
+        for e in each:
+            own = [
+                r["accuracy"]
+                for r in runs
+                if r["init"] == "pretrained"
+                and r["labels_per_class"] == row["labels_per_class"]
+                and r["pretrain_seed"] == e["pretrain_seed"]
+            ]
+            assert len(own) == 2 and e["mean"] == pytest.approx(statistics.fmean(own))
+        assert "per_pretraining" not in row["random"]
+    table = (out / "run-1" / "results.md").read_text()
+    assert "pretraining seeds 3, 4" in table and "| pretrained, each pretraining |" in table
+    last = results["summary"][-1]["pretrained"]["per_pretraining"]
+    assert f"| {last[0]['mean'] * 100:.1f} / {last[1]['mean'] * 100:.1f} |" in table
