@@ -985,9 +985,9 @@ def format_table(
         line = (
             f"| {row['mode']} | {budget} | {' | '.join(cells)} | {row['difference'] * 100:+.1f} |"
         )
-        if each:
-            means = row["pretrained"].get("per_pretraining", [])
-            line += " " + (" / ".join(f"{m['mean'] * 100:.1f}" for m in means) or "-") + " |"
+        if each:  # in the footnote's order of seeds, whatever order the runs came in
+            means = {m["pretrain_seed"]: m["mean"] for m in row["pretrained"]["per_pretraining"]}
+            line += " " + " / ".join(f"{means[s] * 100:.1f}" for s in pretrain_seeds) + " |"
         lines.append(line)
     runs = max((row["pretrained"]["n"] for row in summary), default=1)
     over = f"mean ± std over {runs} {'seeds' if seeds > 1 else 'folds'}" if runs > 1 else "one run"

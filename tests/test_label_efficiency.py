@@ -202,6 +202,29 @@ def test_fbank_stats_reads_each_clips_own_frames():
     assert torch.allclose(label_efficiency.fbank_stats_features(features)[0], stats[0])
 
 
+def test_each_pretrainings_mean_is_listed_in_the_footnotes_order_of_seeds():
+    """Runs of pretraining seed 4 before seed 3 (as `--pretrain-seeds 4,3` gives them): the
+    last column follows the footnote's seeds, and each mean is its own pretraining's."""
+    accuracy = {(4, 0): 0.2, (4, 1): 0.4, (3, 0): 0.6, (3, 1): 0.7}  # (pretraining, probe seed)
+    runs = [
+        label_efficiency.Run("pretrained", "linear", 5, seed, "theo", acc, 50, [], 0.0, pseed)
+        for (pseed, seed), acc in accuracy.items()
+    ]
+    runs += [
+        label_efficiency.Run(init, "linear", 5, seed, "theo", 0.1, 50, [], 0.0)
+        for init in ("random", "fbank-stats")
+        for seed in (0, 1)
+    ]
+
+    (row,) = label_efficiency.summarise(runs)
+    each = {e["pretrain_seed"]: e["mean"] for e in row["pretrained"]["per_pretraining"]}
+    assert each == pytest.approx({4: 0.3, 3: 0.65})
+    assert row["pretrained"]["mean"] == pytest.approx(0.475) and row["pretrained"]["n"] == 4
+    table = label_efficiency.format_table([row], "held-out", 1.0, 2, [3, 4])
+    assert "pretraining seeds 3, 4" in table
+    assert table.splitlines()[2].endswith("| 65.0 / 30.0 |")
+
+
 def test_held_out_groups_are_neither_pretrained_nor_trained_on(shards):
     clips = label_efficiency.read_catalogue(shards)
     speaker = {i: i.split("_")[1] for i in clips.ids}
