@@ -66,12 +66,15 @@ def run(*args: str) -> int:
     return label_efficiency.main([*map(str, args), "--threads", "1"])
 
 
-def run_pretraining_per_speaker(shards: Path, out: Path, *args: str) -> int:
-    """The tool on `shards` with the seconds-long pretraining, speakers held out."""
-    return run(
+def run_pretraining_per_speaker(shards: Path, out: Path, *args: str) -> dict:
+    """The tool on `shards` with the seconds-long pretraining, speakers held out; it must
+    succeed. Returns its results.json."""
+    code = run(
         "--shards", shards, "--out", out, "--pretrain-args", TINY_PRETRAIN, "--loso", "speaker",
         *args,
     )  # fmt: skip
+    assert code == 0
+    return json.loads((out / "run-1" / "results.json").read_text())
 
 
 def options(*args: str) -> label_efficiency.argparse.Namespace:
@@ -406,14 +409,12 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
     # with the padding of short clips left out of the probes' and fine-tunes' pooling
     # (the default path runs in test_demo)
     out = tmp_path / "le"
-    code = run_pretraining_per_speaker(
+    results = run_pretraining_per_speaker(
         shards, out,
         "--labels-per-class", "1,all", "--seeds", "0", "--finetune-min-steps", "4",
         "--finetune-epochs", "1", "--ignore-padding", "--pooling", "stats",
     )  # fmt: skip
 
-    assert code == 0
-    results = json.loads((out / "run-1" / "results.json").read_text())
     assert results["options"]["ignore_padding"] is True
     assert Path(results["encoder"]).is_file() and str(out) in results["encoder"]
     (fold,) = results["folds"]
@@ -436,13 +437,11 @@ def test_pretrain_on_the_other_speakers_then_probe_and_finetune_the_held_out_one
 @pytest.mark.slow
 def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp_path):
     out = tmp_path / "le"
-    code = run_pretraining_per_speaker(
+    results = run_pretraining_per_speaker(
         shards, out,
         "--dev-rotate", "--modes", "linear", "--labels-per-class", "1", "--seeds", "0",
     )  # fmt: skip
 
-    assert code == 0
-    results = json.loads((out / "run-1" / "results.json").read_text())
     folds = {f["name"]: f for f in results["folds"]}
     assert set(folds) == {"george", "jackson"}
     for name, other in (("george", "jackson"), ("jackson", "george")):
@@ -457,14 +456,12 @@ def test_dev_rotate_pretrains_once_per_fold_on_the_other_groups_only(shards, tmp
 @pytest.mark.slow
 def test_pretrain_seeds_pretrain_once_each_and_average_the_pretrained_rows(shards, tmp_path):
     out = tmp_path / "le"
-    code = run_pretraining_per_speaker(
+    results = run_pretraining_per_speaker(
         shards, out,
         "--modes", "linear", "--labels-per-class", "1,all", "--seeds", "0,1",
         "--pretrain-seeds", "3,4",
     )  # fmt: skip
 
-    assert code == 0
-    results = json.loads((out / "run-1" / "results.json").read_text())
     folds = results["folds"]
     assert [(f["name"], f["pretrain_seed"]) for f in folds] == [("theo", 3), ("theo", 4)]
     assert results["encoder"] is None  # one encoder per pretraining seed
